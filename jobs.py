@@ -417,7 +417,8 @@ def subdir_for(template: str, row: sqlite3.Row) -> Path:
               "room_id": row["room_id"] or "unknown", "room_type": row["room_type"] or "unknown",
               "message_id": row["id"],
               "date": datetime.fromtimestamp(row["received_at"], timezone.utc).strftime("%Y-%m-%d")}
-    safe = {k: downloader.safe_filename(v, "unknown") for k, v in values.items()}
+    safe = {k: downloader.safe_filename(v.replace("/", "_").replace("\\", "_"), "unknown")
+            for k, v in values.items()}
     parts = [downloader.safe_filename(p, "_") for p in template.format(**safe).split("/") if p]
     return Path(*parts) if parts else Path()
 

@@ -97,6 +97,7 @@ class FakeWebex:
         self.files: dict[str, Reply] = {}
         self.scripts: dict[str, list[Reply]] = {}
         self.api_delay = 0.0
+        self.bytes_sent = 0  # file body bytes written, all requests
         self.fail_api: dict[str, list[int]] = {}  # path prefix -> statuses to answer first
         self.on_request: Callable[[Recorded], None] | None = None
         handler = type("Handler", (_Handler,), {"fake": self})
@@ -301,6 +302,8 @@ class _Handler(BaseHTTPRequestHandler):
                     return
                 self.wfile.write(piece)
                 sent += len(piece)
+                with self.fake.lock:
+                    self.fake.bytes_sent += len(piece)
                 if reply.trickle:
                     self.wfile.flush()
                     time.sleep(reply.trickle)

@@ -1,0 +1,161 @@
+"""The ledger and workers: crash windows around the commit, leases, retry policy."""
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+import downloader
+from jobs import Ledger, Message, RetryPolicy, Workers, allowed_sender, owner_is_dead, subdir_for
+from tests.conftest import FakeClock, wait_until
+from tests.fakewebex import webhook_payload
+
+DEAD = "some-other-host/4242/deadbeef"
+
+
+@pytest.fixture
+def setup(fake, make_settings):
+    """A ledger holding one file claimed by a holder that died mid-commit."""
+    settings = make_settings()
+    clock = FakeClock()
+    ledger = Ledger(settings.database_path, clock=clock, replies=False)
+    content = b"the complete file"
+    url = fake.add_file(content, name="report.pdf")
+    ledger.record(Message("M1"), [url], resolve=False)
+    kind, row = ledger.claim(DEAD, lease=60)
+    partial = settings.download_dir.resolve() / downloader.PARTIAL_DIR
+    partial.mkdir(parents=True)
+    part = partial / row["part_path"]
+    part.write_bytes(content)
+    fetched = downloader.Fetched(part, "report.pdf", len(content), hashlib.sha256(content).hexdigest(), "text/plain")
+    final = settings.download_dir.resolve() / "report.pdf"
+    ledger.set_intent(row["id"], DEAD, final, fetched)
+    yield settings, ledger, clock, part, final, content
+    ledger.close()
+
+
+def take_over(settings, ledger, clock):
+    clock.advance(61)  # the dead holder's lease runs out
+    workers = Workers(settings, ledger).start()
+    try:
+        wait_until(lambda: ledger.history("saved"), message="file saved by the new holder")
+    finally:
+        workers.stop()
+    return [p.name for p in sorted(settings.download_dir.iterdir()) if p.is_file()]
+
+
+def test_crash_after_intent_before_link_commits_under_the_intended_name(fake, setup):
+    settings, ledger, clock, part, final, content = setup
+    assert take_over(settings, ledger, clock) == ["report.pdf"]
+    assert final.read_bytes() == content and not part.exists()
+    assert [r.method for r in fake.requests_for("/contents/")] == []  # no second download
+
+
+def test_crash_after_link_before_cleanup_is_saved_once(fake, setup):
+    settings, ledger, clock, part, final, content = setup
+    os.link(part, final)
+    assert take_over(settings, ledger, clock) == ["report.pdf"]
+    assert not part.exists()
+    assert fake.requests_for("/contents/") == []
+
+
+def test_crash_after_link_and_cleanup_is_saved_once(fake, setup):
+    settings, ledger, clock, part, final, content = setup
+    os.link(part, final)
+    part.unlink()
+    assert take_over(settings, ledger, clock) == ["report.pdf"]
+    assert ledger.history("saved")[0]["final_path"] == str(final)
+    assert fake.requests_for("/contents/") == []
+
+
+def test_intended_name_taken_by_someone_else_meanwhile_gets_the_next_name(fake, setup):
+    settings, ledger, clock, part, final, content = setup
+    final.write_bytes(b"a person's own file")
+    assert take_over(settings, ledger, clock) == ["report (1).pdf", "report.pdf"]
+    assert final.read_bytes() == b"a person's own file"
+    assert (final.parent / "report (1).pdf").read_bytes() == content
+
+
+def test_part_file_lost_means_a_fresh_download(fake, setup):
+    settings, ledger, clock, part, final, content = setup
+    part.unlink()
+    assert take_over(settings, ledger, clock) == ["report.pdf"]
+    assert final.read_bytes() == content
+    assert len(fake.requests_for("/contents/")) == 1
+
+
+def test_leftover_part_files_of_finished_work_are_swept_at_start(make_settings):
+    settings = make_settings()
+    ledger = Ledger(settings.database_path)
+    partial = settings.download_dir.resolve() / downloader.PARTIAL_DIR
+    partial.mkdir(parents=True)
+    (partial / "99-cafebabe.part").write_bytes(b"junk from a crash")
+    workers = Workers(settings, ledger).start()
+    workers.stop()
+    assert list(partial.iterdir()) == []
+
+
+def test_a_live_holder_keeps_its_claim_until_the_lease_runs_out(make_settings):
+    settings = make_settings()
+    clock = FakeClock()
+    ledger = Ledger(settings.database_path, clock=clock)
+    ledger.record(Message("M1"), ["https://webexapis.com/v1/contents/A"], resolve=False)
+    assert ledger.claim("holder-1", lease=60)[0] == "file"
+    assert ledger.claim("holder-2", lease=60) is None
+    clock.advance(59)
+    assert ledger.claim("holder-2", lease=60) is None
+    clock.advance(2)
+    kind, row = ledger.claim("holder-2", lease=60)
+    assert row["lease_owner"] == "holder-2" and row["attempts"] == 2
+
+
+def test_owner_liveness():
+    import socket
+    assert not owner_is_dead(f"{socket.gethostname()}/{os.getpid()}/abc")
+    assert not owner_is_dead("another-host/1/abc")
+    assert owner_is_dead(f"{socket.gethostname()}/999999999/abc")
+
+
+def test_backoff_grows_with_jitter_and_honours_retry_after():
+    policy = RetryPolicy(base=2, cap=600)
+    assert [policy.delay(n, None, lambda: 0.0) for n in (1, 2, 3, 4)] == [1, 2, 4, 8]
+    assert [policy.delay(n, None, lambda: 1.0) for n in (1, 2, 3, 4)] == [2, 4, 8, 16]
+    assert policy.delay(30, None, lambda: 1.0) == 600
+    assert policy.delay(1, 30.0, lambda: 0.0) == 30.0
+    assert 30.0 <= policy.delay(1, 30.0, lambda: 1.0) <= 31.0
+    assert policy.gives_up(20, 0, 1) and not policy.gives_up(19, 0, 1)
+    assert policy.gives_up(1, 0, 24 * 3600 + 1)
+
+
+@pytest.mark.parametrize("email,allowed,ok", [
+    ("alice@example.com", (), True),
+    (None, (), True),
+    (None, ("@example.com",), False),
+    ("Alice@Example.COM", ("alice@example.com",), True),
+    ("bob@example.com", ("alice@example.com",), False),
+    ("bob@example.com", ("@example.com",), True),
+    ("bob@notexample.com", ("@example.com",), False),
+    ("bob@sub.example.com", ("@example.com",), False),
+])
+def test_allowed_sender(email, allowed, ok):
+    assert allowed_sender(email, allowed) is ok
+
+
+@pytest.mark.parametrize("template,expected", [
+    ("", ""),
+    ("{sender_domain}/{date}", "example.com/2026-12-04"),
+    ("{sender_email}", "alice@example.com"),
+    ("{room_type}/{room_id}", "group/ROOM_1"),
+])
+def test_subdir_template_values_are_made_safe(template, expected):
+    row = {"person_email": "alice@example.com", "room_id": "ROOM/1", "room_type": "group",
+           "id": "M1", "received_at": 1796385600.0}
+    assert subdir_for(template, row) == Path(expected)
+
+
+def test_hostile_subdir_values_cannot_escape(make_settings):
+    row = {"person_email": "../../etc@..", "room_id": "..", "room_type": "/abs", "id": "M1",
+           "received_at": 0.0}
+    path = subdir_for("{sender_email}/{room_id}/{room_type}", row)
+    assert ".." not in path.parts and not path.is_absolute()
