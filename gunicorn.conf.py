@@ -21,6 +21,7 @@ threads = 8
 timeout = 30
 graceful_timeout = 30  # SIGTERM: stop claiming, hand in-flight downloads back, exit
 keepalive = 5
+control_socket_disable = True  # gunicorn 27's control socket would need a writable $HOME
 accesslog = None
 errorlog = "-"
 

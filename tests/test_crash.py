@@ -5,68 +5,12 @@ exactly once, complete, with nothing partial left behind."""
 import hashlib
 import os
 import random
-import signal
-import socket
-import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
-import requests
 
-from tests.conftest import SECRET, sign, wait_until
+from tests.conftest import wait_until
 from tests.fakewebex import BOT_ID, PatternBody, Reply, webhook_payload
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """``python app.py`` in its own process, configured through its environment."""
-
-    def __init__(self, tmp_path: Path, fake, workers: int = 4):
-        self.port = free_port()
-        self.env = {**os.environ, "WEBEX_BOT_TOKEN": fake.token, "WEBEX_WEBHOOK_SECRET": SECRET,
-                    "WEBEX_API_URL": fake.api_url, "DOWNLOAD_DIR": str(tmp_path / "downloads"),
-                    "DATABASE_URL": f"sqlite:///{tmp_path / 'bot.sqlite3'}", "PORT": str(self.port),
-                    "DOWNLOAD_WORKERS": str(workers), "REPLY_ON_SAVE": "false", "LOG_LEVEL": "WARNING"}
-        self.cwd = tmp_path
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = None
-
-    def start(self):
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "app.py")], env=self.env, cwd=self.cwd,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(self._healthy, timeout=20, message="server up")
-
-    def _healthy(self):
-        assert self.proc.poll() is None, "server exited"
-        try:
-            return requests.get(f"{self.url}/healthz", timeout=1).status_code == 200
-        except requests.ConnectionError:
-            return False
-
-    def post(self, payload) -> bool:
-        """True if the webhook was acknowledged with 2xx."""
-        import json
-        body = json.dumps(payload).encode()
-        try:
-            r = requests.post(f"{self.url}/webhook", data=body, timeout=5,
-                              headers={"X-Spark-Signature": sign(body), "Content-Type": "application/json"})
-        except requests.RequestException:
-            return False
-        return 200 <= r.status_code < 300
-
-    def kill(self):
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
+from tests.serverproc import ServerProcess, in_flight, server_idle
 
 def check_exactly_once(download_dir: Path, expected: dict[str, str], acked: set[str], maybe: set[str]):
     """Every acked message's file is on disk once with the right hash; nothing else but maybe-ones."""
@@ -114,19 +58,3 @@ def test_sigkill_at_random_moments_loses_nothing_and_duplicates_nothing(fake, tm
     server.kill()
 
 
-def in_flight(tmp_path: Path) -> int:
-    db = sqlite3.connect(tmp_path / "bot.sqlite3", timeout=10)
-    try:
-        return db.execute("SELECT count(*) FROM files WHERE state = 'active'").fetchone()[0]
-    finally:
-        db.close()
-
-
-def server_idle(tmp_path: Path) -> bool:
-    db = sqlite3.connect(tmp_path / "bot.sqlite3", timeout=10)
-    try:
-        pending = db.execute("SELECT count(*) FROM files WHERE next_at IS NOT NULL").fetchone()[0]
-        pending += db.execute("SELECT count(*) FROM messages WHERE next_at IS NOT NULL").fetchone()[0]
-        return pending == 0
-    finally:
-        db.close()
