@@ -15,12 +15,14 @@ import sys
 import tempfile
 import time
 
-from flask import Flask, Response, request
+import click
+from flask import Flask, Response, current_app, request
+from flask.cli import with_appcontext
 
 import metrics
-from config import ConfigError, Settings, load_settings
-from jobs import Ledger, Message, Workers, allowed_sender
-from webex import verify_signature
+from config import ConfigError, Settings, format_size, load_settings
+from jobs import Ledger, Message, Workers, allowed_sender, failure_text
+from webex import WebexClient, WebexError, verify_signature
 
 log = logging.getLogger("filebot.app")
 
@@ -228,7 +230,231 @@ def _interrupt(signum, frame):
 
 
 def register_commands(app: Flask) -> None:
-    """The operator CLI: ``flask --app app COMMAND`` (never starts workers)."""
+    """The operator CLI: ``flask --app app COMMAND`` (never starts workers).
+
+    Every command prints a readable table or sentence, ``--json`` for scripts,
+    and exits non-zero with a plain message when something is wrong.
+    """
+    app.cli.add_command(check_command)
+    app.cli.add_command(webhooks_group)
+    app.cli.add_command(downloads_group)
+
+
+DEFAULT_WEBHOOK_NAME = "webex-file-bot"
+
+
+def _bot() -> Bot:
+    return current_app.extensions["filebot"]
+
+
+def _client() -> WebexClient:
+    settings = _bot().settings
+    return WebexClient(settings.api_url, settings.bot_token)
+
+
+def _emit(as_json: bool, data, text: str) -> None:
+    click.echo(json.dumps(data, indent=2, default=str) if as_json else text)
+
+
+def _fail(message: str) -> None:
+    raise click.ClickException(message)
+
+
+def _explain(exc: WebexError) -> str:
+    if exc.status == 401:
+        return "the token was rejected: check WEBEX_BOT_TOKEN"
+    if exc.status is None:
+        return f"cannot reach the Webex API ({exc}): check WEBEX_API_URL and the network"
+    return str(exc)
+
+
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [headers, *rows]]
+    return "\n".join(lines)
+
+
+@click.command("check")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@with_appcontext
+def check_command(as_json: bool) -> None:
+    """Check settings, token, download folder, ledger and webhooks."""
+    bot = _bot()
+    report: dict = {"settings": "ok"}
+    problems: list[str] = []
+    warnings: list[str] = []
+    client = _client()
+    try:
+        me = client.me()
+        report["bot"] = {"id": me.get("id"), "name": me.get("displayName"), "emails": me.get("emails", [])}
+        hooks = list(client.webhooks())
+        active = [h for h in hooks if h.get("status") == "active" and h.get("resource") == "messages"]
+        report["webhooks"] = {"total": len(hooks), "active": len(active)}
+        if not active:
+            warnings.append("no active messages webhook: run `flask --app app webhooks create https://YOUR-HOST/webhook`")
+    except WebexError as exc:
+        problems.append(_explain(exc))
+    health_report, _ = health(bot)
+    report["download_dir"] = health_report["download_dir"]
+    report["ledger"] = health_report["ledger"]
+    if health_report["download_dir"] != "ok":
+        problems.append(f"download folder {bot.settings.download_dir}: {health_report['download_dir']}")
+    if health_report["ledger"] != "ok":
+        problems.append(f"ledger {bot.settings.database_path}: {health_report['ledger']}")
+    report["problems"], report["warnings"] = problems, warnings
+    lines = ["settings: ok"]
+    if "bot" in report:
+        lines.append(f"bot: {report['bot']['name']} ({', '.join(report['bot']['emails'])})")
+        lines.append(f"webhooks: {report['webhooks']['active']} active of {report['webhooks']['total']}")
+    lines.append(f"download folder: {bot.settings.download_dir.resolve()} ({report['download_dir']})")
+    lines.append(f"ledger: {bot.settings.database_path.resolve()} ({report['ledger']})")
+    lines += [f"warning: {w}" for w in warnings] + [f"problem: {p}" for p in problems]
+    _emit(as_json, report, "\n".join(lines))
+    if problems:
+        raise SystemExit(1)
+
+
+@click.group("webhooks")
+def webhooks_group() -> None:
+    """Create, list and delete the bot's Webex webhooks."""
+
+
+@webhooks_group.command("create")
+@click.argument("target_url")
+@click.option("--name", default=DEFAULT_WEBHOOK_NAME, show_default=True, help="Webhook name; reused to update.")
+@click.option("--filter", "filter_", default="", help="Webex filter, e.g. roomType=direct.")
+@click.option("--files-only", is_flag=True, help="Only messages with files (adds hasFiles=true).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@with_appcontext
+def webhooks_create(target_url: str, name: str, filter_: str, files_only: bool, as_json: bool) -> None:
+    """Register TARGET_URL for messages/created, or update the webhook of that name.
+
+    Run it again with a new URL (ngrok) to update target and secret and
+    re-activate the webhook instead of adding another.
+    """
+    if not target_url.startswith(("https://", "http://")):
+        _fail(f"TARGET_URL {target_url!r} must be an https:// URL (e.g. https://abc.ngrok.app/webhook)")
+    filters = [f for f in filter_.split("&") if f]
+    if files_only and "hasFiles=true" not in filters:
+        filters.append("hasFiles=true")
+    wanted_filter = "&".join(filters)
+    settings = _bot().settings
+    client = _client()
+    try:
+        same = [h for h in client.webhooks() if h.get("name") == name and h.get("resource") == "messages"
+                and h.get("event") == "created"]
+        hook, action = None, "created"
+        if same and (same[0].get("filter") or "") == wanted_filter:
+            hook = client.update_webhook(same[0]["id"], name=name, target_url=target_url,
+                                         secret=settings.webhook_secret, status="active")
+            action = "updated"
+        elif same:  # the filter cannot be changed in place
+            client.delete_webhook(same[0]["id"])
+            action = "replaced"
+        for extra in same[1:]:
+            client.delete_webhook(extra["id"])
+        if hook is None:
+            hook = client.create_webhook(name=name, target_url=target_url, secret=settings.webhook_secret,
+                                         filter=wanted_filter or None)
+    except WebexError as exc:
+        _fail(_explain(exc))
+    _bot().ledger.set_meta("webhook_target", target_url)
+    _emit(as_json, {"action": action, "webhook": hook},
+          f"{action} webhook {hook.get('id')} {name!r} -> {target_url}"
+          + (f" (filter {wanted_filter})" if wanted_filter else ""))
+    if not target_url.startswith("https://"):
+        click.echo("warning: Webex expects an https:// target URL", err=True)
+
+
+@webhooks_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@with_appcontext
+def webhooks_list(as_json: bool) -> None:
+    """Show every webhook of the bot (all pages), flagging inactive ones and other targets."""
+    try:
+        hooks = list(_client().webhooks())
+    except WebexError as exc:
+        _fail(_explain(exc))
+    expected = _bot().ledger.meta("webhook_target")
+    for hook in hooks:
+        notes = []
+        if hook.get("status") != "active":
+            notes.append("INACTIVE: run `webhooks create URL` to re-activate")
+        if expected and hook.get("targetUrl") != expected:
+            notes.append(f"points elsewhere (last created: {expected})")
+        hook["notes"] = notes
+    rows = [[h.get("id", ""), h.get("name", ""), h.get("targetUrl", ""), h.get("filter") or "-",
+             h.get("status", ""), "; ".join(h["notes"])] for h in hooks]
+    _emit(as_json, hooks, _table(rows, ["ID", "NAME", "TARGET", "FILTER", "STATUS", "NOTES"])
+          if hooks else "no webhooks: run `flask --app app webhooks create https://YOUR-HOST/webhook`")
+
+
+@webhooks_group.command("delete")
+@click.argument("webhook_id", required=False)
+@click.option("--all", "delete_all", is_flag=True, help="Delete every webhook of the bot.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (with --all).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@with_appcontext
+def webhooks_delete(webhook_id: str | None, delete_all: bool, yes: bool, as_json: bool) -> None:
+    """Delete webhook WEBHOOK_ID, or --all of them."""
+    if bool(webhook_id) == delete_all:
+        _fail("give either a WEBHOOK_ID or --all")
+    client = _client()
+    try:
+        ids = [h["id"] for h in client.webhooks()] if delete_all else [webhook_id]
+        if delete_all and ids and not yes:
+            click.confirm(f"Delete all {len(ids)} webhook(s) of this bot?", abort=True)
+        for hook_id in ids:
+            client.delete_webhook(hook_id)
+    except WebexError as exc:
+        _fail(_explain(exc))
+    _emit(as_json, {"deleted": ids}, f"deleted {len(ids)} webhook(s)" + (f": {', '.join(ids)}" if ids else ""))
+
+
+@click.group("downloads", invoke_without_command=True)
+@click.option("--state", type=click.Choice(["queued", "active", "saved", "failed"]), help="Only this state.")
+@click.option("--limit", default=50, show_default=True, help="How many rows, newest first.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+@with_appcontext
+def downloads_group(ctx: click.Context, state: str | None, limit: int, as_json: bool) -> None:
+    """The download history from the ledger, newest first."""
+    if ctx.invoked_subcommand is not None:
+        return
+    settings = _bot().settings
+    rows = _bot().ledger.history(state, limit)
+    items = [{"id": r["id"], "time": _when(r["updated_at"]), "sender": r["person_email"],
+              "name": r["name"] or "", "size": r["size"], "state": r["state"],
+              "reason": r["reason"], "detail": r["detail"], "path": r["final_path"] if r["state"] == "saved" else None,
+              "url": r["url"], "message_id": r["message_id"]} for r in rows]
+    table = [[i["id"], i["time"], i["sender"] or "-", i["name"] or "-",
+              format_size(i["size"]) if i["state"] == "saved" else "-", _state_text(i, settings.max_file_size)]
+             for i in items]
+    _emit(as_json, items, _table(table, ["ID", "TIME", "SENDER", "FILE", "SIZE", "STATE"]) if items
+          else "no downloads yet")
+
+
+@downloads_group.command("retry")
+@click.argument("file_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@with_appcontext
+def downloads_retry(file_id: int, as_json: bool) -> None:
+    """Put failed download FILE_ID back in the queue."""
+    if not _bot().ledger.requeue(file_id):
+        _fail(f"no failed download with id {file_id} (see `flask --app app downloads --state failed`)")
+    _emit(as_json, {"requeued": file_id}, f"download {file_id} is queued again; a running bot picks it up")
+
+
+def _state_text(item: dict, max_size: int) -> str:
+    if item["state"] == "failed":
+        return "failed: " + failure_text(item["reason"], item["detail"], max_size)
+    if item["reason"]:  # queued again after a temporary failure
+        return f"{item['state']} (last try: {item['reason']})"
+    return item["state"]
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
 
 
 def main() -> None:
