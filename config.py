@@ -11,6 +11,7 @@ import ipaddress
 import os
 import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlsplit
@@ -26,7 +27,7 @@ _SIZE_UNITS = {
     "ki": 1024, "kib": 1024, "mi": 1024**2, "mib": 1024**2, "gi": 1024**3, "gib": 1024**3,
     "ti": 1024**4, "tib": 1024**4,
 }
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
@@ -76,7 +77,7 @@ def parse_size(text: str) -> int:
     m = _SIZE_RE.match(text)
     if not m or m.group(2).lower() not in _SIZE_UNITS:
         raise ValueError(text)
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    return int(Decimal(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
 
 
 def format_size(n: int) -> str:
@@ -163,6 +164,8 @@ def _nonempty_path(s: str) -> Path:
 
 
 def _int_in(s: str, lo: int, hi: int) -> int:
+    if not (s.isascii() and s.isdigit()):
+        raise ValueError(s)
     n = int(s)
     if not lo <= n <= hi:
         raise ValueError(s)
@@ -186,7 +189,7 @@ def _bool(s: str) -> bool:
 
 def _api_url(s: str) -> str:
     parts = urlsplit(s)
-    if not parts.hostname or parts.query or parts.fragment:
+    if not parts.hostname or parts.query or parts.fragment or parts.username is not None:
         raise ValueError(s)
     if parts.scheme != "https" and not (parts.scheme == "http" and is_loopback_host(parts.hostname)):
         raise ValueError(s)

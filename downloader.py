@@ -24,7 +24,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urljoin, urlsplit, urlunsplit
 
 import requests
 
@@ -33,6 +33,7 @@ from webex import is_trusted_url, parse_retry_after
 CHUNK_SIZE = 1024 * 1024
 TIMEOUT = (10, 60)  # connect, and each read of the body
 MAX_NAME_BYTES = 255
+MAX_REDIRECTS = 5
 PARTIAL_DIR = ".partial"
 FALLBACK_STEM = "webex-file"
 
@@ -77,6 +78,7 @@ _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _QUOTED = r'"(?:[^"\\]|\\.)*"'
 _PARAM = re.compile(rf"\s*;\s*({_TOKEN})\s*=\s*({_QUOTED}|[^;]*)", re.DOTALL)
 _EXT_VALUE = re.compile(r"^([!#$%&+^_`{}~0-9A-Za-z-]+)'[^']*'(.*)$", re.DOTALL)
+_PERCENT_ENCODED = re.compile(r"(?:%[0-9A-Fa-f]{2}|[^%])*", re.DOTALL)
 
 
 def parse_content_disposition(header: str | None) -> str | None:
@@ -91,7 +93,8 @@ def parse_content_disposition(header: str | None) -> str | None:
     if not header:
         return None
     params: dict[str, str] = {}
-    rest = ";" + header.split(";", 1)[1] if ";" in header else ""
+    head, sep, tail = header.partition(";")
+    rest = ";" + header if "=" in head else sep + tail  # tolerate a missing disposition type
     for match in _PARAM.finditer(rest):
         key, value = match.group(1).lower(), match.group(2).strip()
         if value.startswith('"') and value.endswith('"') and len(value) >= 2:
@@ -100,7 +103,7 @@ def parse_content_disposition(header: str | None) -> str | None:
     extended = params.get("filename*")
     if extended:
         m = _EXT_VALUE.match(extended.strip('"'))
-        if m:
+        if m and _PERCENT_ENCODED.fullmatch(m.group(2)):
             charset = m.group(1).lower()
             if charset in ("utf-8", "iso-8859-1", "latin-1", "us-ascii"):
                 try:
@@ -135,7 +138,7 @@ def safe_filename(name: str | None, fallback: str = FALLBACK_STEM) -> str:
     """
     text = _clean(name) or _clean(fallback) or FALLBACK_STEM
     stem, ext = split_ext(text)
-    if _WINDOWS_RESERVED.match(stem.rstrip(" .")):
+    if _WINDOWS_RESERVED.match(text.split(".", 1)[0].rstrip(" ")):  # Windows reads up to the first dot
         stem = "_" + stem
     return fit_name(stem, ext, MAX_NAME_BYTES)
 
@@ -150,10 +153,15 @@ def _clean(name: str | None) -> str:
 
 
 def split_ext(name: str) -> tuple[str, str]:
-    """``'a.tar.gz'`` → ``('a.tar', '.gz')``; an 'extension' longer than 16 characters is not one."""
+    """``'a.pdf'`` → ``('a', '.pdf')``, ``'a.tar.gz'`` → ``('a', '.tar.gz')``.
+
+    An 'extension' longer than 16 characters or with a space is not one.
+    """
     stem, dot, ext = name.rpartition(".")
     if not dot or not stem or len(ext) > 16 or " " in ext:
         return name, ""
+    if stem.lower().endswith(".tar") and len(stem) > 4:
+        return stem[:-4], stem[-4:] + "." + ext
     return stem, "." + ext
 
 
@@ -219,16 +227,33 @@ def fetch(url: str, *, session: requests.Session, api_url: str, part_path: Path,
     return result
 
 
+def _get(url: str, session, api_url: str, timeout) -> requests.Response | Failed:
+    """GET with redirects followed by hand, and only to trusted URLs (the token goes along)."""
+    for _ in range(MAX_REDIRECTS + 1):
+        response = session.get(url, stream=True, timeout=timeout, allow_redirects=False,
+                               headers={"Accept-Encoding": "identity"})
+        if not response.is_redirect:
+            return response
+        response.close()
+        url = urljoin(url, response.headers["Location"])
+        if not is_trusted_url(url, api_url):
+            return Failed("untrusted_host", f"redirected to {url!r}; the token is not sent there")
+    return Failed("redirect", f"more than {MAX_REDIRECTS} redirects")
+
+
 def _fetch_once(url, session, api_url, part_path, max_size, should_stop, chunk_size, timeout):
     try:
-        with session.get(url, stream=True, timeout=timeout,
-                         headers={"Accept-Encoding": "identity"}) as response:
+        response = _get(url, session, api_url, timeout)
+        if isinstance(response, Failed):
+            return response
+        with response:
             status = response.status_code
             if status != 200:
                 return _classify(status, response)
             length = response.headers.get("Content-Length")
             if length and length.isdigit() and int(length) > max_size:
                 return Failed("too_large", f"{int(length)} bytes, limit {max_size}")
+            encoded = response.headers.get("Content-Encoding", "identity").lower() != "identity"
             name = parse_content_disposition(response.headers.get("Content-Disposition"))
             content_type = response.headers.get("Content-Type", "application/octet-stream")
             size, digest = _stream(response, part_path, max_size, should_stop, chunk_size)
@@ -240,7 +265,7 @@ def _fetch_once(url, session, api_url, part_path, max_size, should_stop, chunk_s
         return Failed("too_large", str(exc))
     except OSError as exc:
         return Retry("local_io", f"writing {part_path}: {exc.strerror or exc}")
-    if length and length.isdigit() and int(length) != size:
+    if length and length.isdigit() and int(length) != size and not encoded:
         return Retry("incomplete", f"got {size} of {length} bytes")
     return Fetched(part_path, safe_filename(name, fallback_name(url, content_type)), size, digest, content_type)
 
@@ -277,7 +302,7 @@ def _classify(status: int, response: requests.Response) -> Retry | Failed:
             delay = parse_retry_after(response.headers.get("Retry-After"))
         return Retry(TEMPORARY.get(status, "server_error"), f"HTTP {status} from {where}", delay)
     if 300 <= status < 400:
-        return Failed("redirect", f"HTTP {status} from {where} without a usable Location")
+        return Failed("redirect", f"HTTP {status} from {where} without a Location")
     return Failed(f"http_{status}", f"HTTP {status} from {where}")
 
 
@@ -341,6 +366,9 @@ def download(url: str, dest_dir: Path, *, session: requests.Session, api_url: st
     result = fetch(url, session=session, api_url=api_url, part_path=part, max_size=max_size,
                    allow_unscannable=allow_unscannable, chunk_size=chunk_size)
     if isinstance(result, Fetched):
-        final = commit(result.part_path, Path(dest_dir), result.name)
+        try:
+            final = commit(result.part_path, Path(dest_dir), result.name)
+        finally:
+            _unlink(part)
         return Fetched(final, final.name, result.size, result.sha256, result.content_type)
     return result

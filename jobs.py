@@ -82,6 +82,10 @@ CREATE INDEX IF NOT EXISTS files_updated ON files(updated_at);
 """
 
 
+_FILE_WITH_MESSAGE = ("SELECT f.*, m.person_email, m.room_id, m.room_type, m.received_at"
+                      " FROM files f JOIN messages m ON m.id = f.message_id")
+
+
 class LostLease(Exception):
     """Another holder took this item over (our lease ran out); stop touching it."""
 
@@ -196,12 +200,12 @@ class Ledger:
             if row is None:
                 return None
             part = f"{row['id']}-{owner.rsplit('/', 1)[-1]}.part"
-            row = db.execute(
+            db.execute(
                 "UPDATE files SET state = 'active', next_at = ?, lease_owner = ?, attempts = attempts + 1,"
                 " first_try_at = coalesce(first_try_at, ?),"
                 " part_path = CASE WHEN final_path IS NULL THEN ? ELSE part_path END, updated_at = ?"
-                " WHERE id = ? RETURNING *", (now + lease, owner, now, part, now, row["id"])).fetchone()
-            return "file", row
+                " WHERE id = ?", (now + lease, owner, now, part, now, row["id"]))
+            return "file", db.execute(_FILE_WITH_MESSAGE + " WHERE f.id = ?", (row["id"],)).fetchone()
 
     def next_due(self) -> float | None:
         db = self._db()
@@ -341,8 +345,7 @@ class Ledger:
         return counts
 
     def history(self, state: str | None = None, limit: int = 50) -> list[sqlite3.Row]:
-        sql = ("SELECT f.*, m.person_email, m.room_id, m.received_at FROM files f"
-               " JOIN messages m ON m.id = f.message_id")
+        sql = _FILE_WITH_MESSAGE
         params: tuple = ()
         if state:
             sql += " WHERE f.state = ?"
@@ -408,19 +411,27 @@ def allowed_sender(email: str | None, allowed: tuple[str, ...]) -> bool:
     return any(email == a or (a.startswith("@") and email.endswith(a)) for a in allowed)
 
 
-def subdir_for(template: str, row: sqlite3.Row) -> Path:
-    """``DOWNLOAD_SUBDIR`` filled in for a message, each value made a safe single folder name."""
+def subdir_for(template: str, row) -> Path:
+    """``DOWNLOAD_SUBDIR`` filled in for a file's message, each value made a safe single folder name.
+
+    ``row`` has the file's ``message_id`` and its message's ``person_email``,
+    ``room_id``, ``room_type`` and ``received_at`` (as :meth:`Ledger.claim` returns).
+    """
     if not template:
         return Path()
     email = row["person_email"] or "unknown"
     values = {"sender_email": email, "sender_domain": email.rpartition("@")[2] or "unknown",
               "room_id": row["room_id"] or "unknown", "room_type": row["room_type"] or "unknown",
-              "message_id": row["id"],
+              "message_id": row["message_id"],
               "date": datetime.fromtimestamp(row["received_at"], timezone.utc).strftime("%Y-%m-%d")}
     safe = {k: downloader.safe_filename(v.replace("/", "_").replace("\\", "_"), "unknown")
             for k, v in values.items()}
     parts = [downloader.safe_filename(p, "_") for p in template.format(**safe).split("/") if p]
     return Path(*parts) if parts else Path()
+
+
+def _about(row) -> str:
+    return f"message={row['message_id']} sender={row['person_email']} file_id={row['id']}"
 
 
 def reply_text(files: list[sqlite3.Row], max_size: int) -> str:
@@ -479,6 +490,7 @@ class Workers:
         self._wakeup = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._bot_id: str | None = None
+        self._me_lock = threading.Lock()
 
     # -- lifecycle
     def start(self) -> "Workers":
@@ -487,6 +499,7 @@ class Workers:
         if released:
             log.info("recovered %d item(s) left in progress by a stopped process", released)
         self._sweep_partials()
+        self._spawn(self._introduce, "whoami")
         for i in range(self.settings.download_workers):
             self._spawn(self._run, f"download-{i}")
         self._spawn(self._heartbeat, "lease-heartbeat")
@@ -513,6 +526,24 @@ class Workers:
     @property
     def running(self) -> bool:
         return any(t.is_alive() for t in self._threads)
+
+    def _introduce(self) -> None:
+        """Look the bot up once at start: its id filters its own messages; the log says who it is."""
+        client = WebexClient(self.settings.api_url, self.settings.bot_token)
+        attempt = 0
+        while not self._stop.is_set():
+            attempt += 1
+            try:
+                self.bot_id(client, refresh=True)
+                break
+            except WebexError as exc:
+                if exc.status == 401:
+                    log.error("the token was rejected by %s (HTTP 401): check WEBEX_BOT_TOKEN",
+                              self.settings.api_url)
+                    break
+                log.warning("could not look the bot up yet (%s); trying again", exc)
+                self._stop.wait(self.policy.delay(attempt, exc.retry_after, self.rand))
+        client.close()
 
     def _sweep_partials(self) -> None:
         live = self.ledger.live_part_paths()
@@ -563,13 +594,17 @@ class Workers:
         client.close()
 
     # -- messages
-    def bot_id(self, client: WebexClient) -> str:
-        if self._bot_id is None:
-            self._bot_id = self.ledger.meta("bot_id")
-        if self._bot_id is None:
-            self._bot_id = client.me()["id"]
-            self.ledger.set_meta("bot_id", self._bot_id)
-        return self._bot_id
+    def bot_id(self, client: WebexClient, refresh: bool = False) -> str:
+        """The bot's person id: from memory, the ledger, or (once) ``people/me``."""
+        with self._me_lock:
+            if self._bot_id is None and not refresh:
+                self._bot_id = self.ledger.meta("bot_id")
+            if self._bot_id is None or refresh:
+                me = client.me()
+                self._bot_id = me["id"]
+                self.ledger.set_meta("bot_id", me["id"])
+                log.info("signed in as %s (%s)", me.get("displayName"), ", ".join(me.get("emails", [])))
+            return self._bot_id
 
     def _resolve(self, row: sqlite3.Row, client: WebexClient) -> None:
         mid = row["id"]
@@ -618,11 +653,8 @@ class Workers:
         log.info("reply sent message=%s room=%s", mid, row["room_id"])
 
     # -- files
-    def _dest_dir(self, file_row: sqlite3.Row) -> Path:
-        if not self.settings.download_subdir:
-            return self.download_dir
-        message = self.ledger.message(file_row["message_id"])
-        return self.download_dir / subdir_for(self.settings.download_subdir, message)
+    def _dest_dir(self, row: sqlite3.Row) -> Path:
+        return self.download_dir / subdir_for(self.settings.download_subdir, row)
 
     def _file(self, row: sqlite3.Row, session) -> None:
         fid = row["id"]
@@ -640,7 +672,7 @@ class Workers:
                 should_stop=self._stop.is_set, chunk_size=self.chunk_size)
         except downloader.Interrupted:
             self.ledger.release(fid, self.owner)
-            log.info("download interrupted by shutdown, back in the queue file_id=%s", fid)
+            log.info("file interrupted by shutdown, back in the queue %s", _about(row))
             return
         duration = time.monotonic() - started
         self.metrics.duration.observe(duration)
@@ -651,8 +683,8 @@ class Workers:
         else:
             self.ledger.failed(fid, self.owner, result.reason, result.detail)
             self.metrics.files.labels("failed", result.reason).inc()
-            log.error("file failed message=%s file_id=%s url=%s reason=%s detail=%s",
-                      row["message_id"], fid, row["url"], result.reason, result.detail)
+            log.error("file failed %s url=%s reason=%s detail=%s duration=%.3fs",
+                      _about(row), row["url"], result.reason, result.detail, duration)
 
     def _commit(self, row: sqlite3.Row, fetched: downloader.Fetched, duration: float | None) -> None:
         fid = row["id"]
@@ -661,8 +693,9 @@ class Workers:
         self.ledger.saved(fid, self.owner, final, duration)
         self.metrics.files.labels("saved", "").inc()
         self.metrics.bytes.inc(fetched.size)
-        log.info("file saved message=%s file_id=%s name=%r bytes=%d sha256=%s duration=%.3fs",
-                 row["message_id"], fid, final.name, fetched.size, fetched.sha256, duration or 0.0)
+        log.info("file saved %s name=%r bytes=%d sha256=%s duration=%.3fs",
+                 _about(row), str(final.relative_to(self.download_dir)), fetched.size, fetched.sha256,
+                 duration or 0.0)
 
     def _reconcile(self, row: sqlite3.Row) -> bool:
         """Finish a commit a stopped holder began. True if the file is now saved."""
@@ -672,7 +705,8 @@ class Workers:
         if linked and final.stat().st_size == row["size"]:
             part.unlink(missing_ok=True)
             self.ledger.saved(fid, self.owner, final, row["duration"])
-            log.info("file saved (commit recovered) message=%s file_id=%s name=%r", row["message_id"], fid, final.name)
+            log.info("file saved (commit recovered after a restart) %s name=%r bytes=%d",
+                     _about(row), final.name, row["size"])
             return True
         if part.exists() and part.stat().st_size == row["size"]:
             fetched = downloader.Fetched(part, final.name, row["size"], row["sha256"], row["content_type"])
@@ -689,9 +723,9 @@ class Workers:
             detail = f"{row['attempts']} attempts; last: {result.reason} ({result.detail})"
             self.ledger.failed(fid, self.owner, "gave_up", detail)
             self.metrics.files.labels("failed", "gave_up").inc()
-            log.error("file failed message=%s file_id=%s reason=gave_up detail=%s", row["message_id"], fid, detail)
+            log.error("file failed %s url=%s reason=gave_up detail=%s", _about(row), row["url"], detail)
             return
         self.ledger.retry(fid, self.owner, now + delay, result.reason, result.detail)
         self.metrics.retries.labels(result.reason).inc()
-        log.warning("file will be retried message=%s file_id=%s reason=%s detail=%s in=%.1fs",
-                    row["message_id"], fid, result.reason, result.detail, delay)
+        log.warning("file will be retried %s reason=%s detail=%s in=%.1fs attempt=%d",
+                    _about(row), result.reason, result.detail, delay, row["attempts"])

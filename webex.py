@@ -11,8 +11,9 @@ import hashlib
 import hmac
 import re
 import time
+from datetime import timezone
 from typing import Any, Callable, Iterator
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import requests
 
@@ -31,13 +32,17 @@ _NEXT_LINK = re.compile(r'<([^>]*)>\s*;[^,]*\brel="?next"?', re.IGNORECASE)
 class WebexError(Exception):
     """A Webex API call failed. ``status`` is the HTTP status, or None for a transport error."""
 
-    def __init__(self, message: str, status: int | None = None, retry_after: float | None = None):
+    def __init__(self, message: str, status: int | None = None, retry_after: float | None = None,
+                 permanent: bool = False):
         super().__init__(message)
         self.status = status
         self.retry_after = retry_after
+        self.permanent = permanent
 
     @property
     def temporary(self) -> bool:
+        if self.permanent:
+            return False
         return self.status is None or self.status in (408, 423, 429) or self.status >= 500
 
 
@@ -90,11 +95,13 @@ def parse_retry_after(value: str | None, *, now: Callable[[], float] = time.time
         return min(default, cap)
     text = value.strip()
     seconds: float | None = None
-    if re.fullmatch(r"\d+(\.\d+)?", text):
+    if re.fullmatch(r"[0-9]+(\.[0-9]+)?", text):
         seconds = float(text)
     else:
         try:
             when = email.utils.parsedate_to_datetime(text)
+            if when.tzinfo is None:  # the asctime form has no zone and means GMT
+                when = when.replace(tzinfo=timezone.utc)
             seconds = when.timestamp() - now()
         except (TypeError, ValueError, IndexError, OverflowError):
             seconds = None
@@ -145,7 +152,7 @@ class WebexClient:
         if not url.startswith(("http://", "https://")):
             url = f"{self.api_url}/{url.lstrip('/')}"
         if not is_trusted_url(url, self.api_url):
-            raise WebexError(f"refusing to send the token to untrusted URL {url!r}")
+            raise WebexError(f"refusing to send the token to untrusted URL {url!r}", permanent=True)
         try:
             response = self.session.request(method, url, timeout=self.timeout, **kwargs)
         except requests.RequestException as exc:
@@ -187,9 +194,13 @@ class WebexClient:
         while url and url not in seen:
             seen.add(url)
             response = self._request("GET", url)
-            yield from response.json().get("items", [])
+            try:
+                items = response.json()["items"]
+            except (ValueError, KeyError, TypeError):
+                raise WebexError(f"GET {url}: not a list of webhooks", status=response.status_code) from None
+            yield from items
             match = _NEXT_LINK.search(response.headers.get("Link", ""))
-            url = match.group(1) if match else None
+            url = urljoin(response.url, match.group(1)) if match else None
 
     def create_webhook(self, *, name: str, target_url: str, secret: str,
                        resource: str = "messages", event: str = "created", filter: str | None = None) -> dict:

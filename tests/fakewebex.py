@@ -101,7 +101,7 @@ class FakeWebex:
         self.fail_api: dict[str, list[int]] = {}  # path prefix -> statuses to answer first
         self.on_request: Callable[[Recorded], None] | None = None
         handler = type("Handler", (_Handler,), {"fake": self})
-        self.server = ThreadingHTTPServer((host, port), handler)
+        self.server = _QuietServer((host, port), handler)
         self.server.daemon_threads = True
         self.thread: threading.Thread | None = None
 
@@ -186,6 +186,14 @@ def webhook_payload(message_id: str, files: list[str] | None, *, person_id: str 
     return {"id": "Y2lzY29zcGFyazovL3VzL1dFQkhPT0svMQ", "name": "file bot", "resource": resource,
             "event": event, "filter": "", "orgId": "ORG", "createdBy": BOT_ID, "appId": "APP",
             "ownedBy": "creator", "status": "active", "actorId": person_id, "data": data}
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        """A client hanging up (the bot closing an unread error body) is normal here."""
+        import sys
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -117,8 +117,9 @@ def test_own_message_is_ignored_once_the_bot_id_is_known(fake, make_settings, ru
 
 def test_own_message_before_the_bot_id_is_known_is_dropped_by_the_worker(fake, make_settings, run_bot):
     url = fake.add_file(b"mine")
-    running = run_bot(make_settings())
+    running = run_bot(make_settings(), workers=False)
     assert running.post(webhook_payload("M1", [url], person_id=BOT_ID)).status_code == 202
+    running.start_workers()
     wait_until(lambda: message_row(running, "M1")["state"] == "ignored", message="own message dropped")
     assert content_gets(fake) == []
     assert running.bot.ledger.meta("bot_id") == BOT_ID
@@ -329,3 +330,43 @@ def test_the_token_never_reaches_the_log(fake, stranger, make_settings, run_bot,
     err = capfd.readouterr().err
     assert "file saved" in err and "untrusted_host" in err and "webhook rejected" in err
     assert fake.token not in err
+
+
+def test_download_subdir_sorts_files_into_safe_folders(fake, make_settings, run_bot):
+    url = fake.add_file(b"sorted", name="a.txt")
+    running = run_bot(make_settings(DOWNLOAD_SUBDIR="{sender_domain}/{room_type}"))
+    running.post(webhook_payload("M1", [url], person_email="alice@corp.example", room_type="../../group"))
+    wait_until(lambda: running.files("saved"), message="saved")
+    folder = running.bot.settings.download_dir
+    assert (folder / "corp.example" / "_.._group" / "a.txt").read_bytes() == b"sorted"
+
+
+def test_json_logs_one_object_per_line(fake, make_settings, run_bot, capfd):
+    running = run_bot(make_settings(LOG_FORMAT="json"))
+    running.post(webhook_payload("M1", [fake.add_file(b"x", name="x.txt")]))
+    wait_until(lambda: running.files("saved"), message="saved")
+    running.bot.stop_workers()
+    lines = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
+    saved = [entry for entry in lines if entry["message"].startswith("file saved")]
+    assert saved and "sender=alice@example.com" in saved[0]["message"] and "bytes=1" in saved[0]["message"]
+    assert {"time", "level", "logger", "message"} <= set(saved[0])
+
+
+def test_metrics_count_webhooks_files_and_queue(fake, make_settings, run_bot):
+    ok = fake.add_file(b"12345", name="ok.txt")
+    bad = fake.add_file(b"x")
+    fake.script(bad, Reply(410))
+    running = run_bot(make_settings())
+    running.post(webhook_payload("M1", [ok, bad]))
+    running.post(webhook_payload("M1", [ok, bad]))
+    running.post(webhook_payload("M2", [ok]), signature="forged")
+    wait_until(lambda: len(running.files("saved")) + len(running.files("failed")) == 2, message="done")
+    text = requests.get(f"{running.url}/metrics", timeout=5).text
+    assert 'filebot_webhooks_total{outcome="queued"} 1.0' in text
+    assert 'filebot_webhooks_total{outcome="duplicate"} 1.0' in text
+    assert 'filebot_webhooks_total{outcome="rejected"} 1.0' in text
+    assert 'filebot_files_total{reason="",state="saved"} 1.0' in text
+    assert 'filebot_files_total{reason="infected",state="failed"} 1.0' in text
+    assert "filebot_saved_bytes_total 5.0" in text
+    assert 'filebot_queue_depth{kind="queued"} 0.0' in text
+    assert "filebot_download_seconds_count 2.0" in text

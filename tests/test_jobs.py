@@ -150,12 +150,12 @@ def test_allowed_sender(email, allowed, ok):
 ])
 def test_subdir_template_values_are_made_safe(template, expected):
     row = {"person_email": "alice@example.com", "room_id": "ROOM/1", "room_type": "group",
-           "id": "M1", "received_at": 1796385600.0}
+           "message_id": "M1", "received_at": 1796385600.0}
     assert subdir_for(template, row) == Path(expected)
 
 
 def test_hostile_subdir_values_cannot_escape(make_settings):
-    row = {"person_email": "../../etc@..", "room_id": "..", "room_type": "/abs", "id": "M1",
+    row = {"person_email": "../../etc@..", "room_id": "..", "room_type": "/abs", "message_id": "M1",
            "received_at": 0.0}
     path = subdir_for("{sender_email}/{room_id}/{room_type}", row)
     assert ".." not in path.parts and not path.is_absolute()
