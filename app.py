@@ -428,7 +428,7 @@ def downloads_group(ctx: click.Context, state: str | None, limit: int, as_json: 
               "reason": r["reason"], "detail": r["detail"], "path": r["final_path"] if r["state"] == "saved" else None,
               "url": r["url"], "message_id": r["message_id"]} for r in rows]
     table = [[i["id"], i["time"], i["sender"] or "-", i["name"] or "-",
-              format_size(i["size"]) if i["state"] == "saved" else "-", _state_text(i, settings.max_file_size)]
+              format_size(i["size"]) if i["size"] is not None else "-", _state_text(i, settings.max_file_size)]
              for i in items]
     _emit(as_json, items, _table(table, ["ID", "TIME", "SENDER", "FILE", "SIZE", "STATE"]) if items
           else "no downloads yet")
@@ -447,7 +447,7 @@ def downloads_retry(file_id: int, as_json: bool) -> None:
 
 def _state_text(item: dict, max_size: int) -> str:
     if item["state"] == "failed":
-        return "failed: " + failure_text(item["reason"], item["detail"], max_size)
+        return "failed: " + failure_text(item["reason"], item["detail"], max_size, item["size"])
     if item["reason"]:  # queued again after a temporary failure
         return f"{item['state']} (last try: {item['reason']})"
     return item["state"]

@@ -81,10 +81,10 @@ def parse_size(text: str) -> int:
 
 
 def format_size(n: int) -> str:
-    """Bytes for people: ``1234567`` → ``'1.2 MB'`` (decimal units, as Webex shows them)."""
+    """Bytes for people: ``1234567`` → ``'1.2 MB'``, ``150000000`` → ``'150 MB'`` (decimal units)."""
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
-            return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
+            return f"{n} B" if unit == "B" else f"{n:.1f}".removesuffix(".0") + f" {unit}"
         n /= 1000
     raise AssertionError("unreachable")
 

@@ -63,9 +63,10 @@ class Retry:
 
 @dataclass(frozen=True)
 class Failed:
-    """A permanent failure; never retry this file."""
+    """A permanent failure; never retry this file. ``size``: bytes announced or read, when known."""
     reason: str
     detail: str
+    size: int | None = None
 
 
 class Interrupted(Exception):
@@ -252,7 +253,7 @@ def _fetch_once(url, session, api_url, part_path, max_size, should_stop, chunk_s
                 return _classify(status, response)
             length = response.headers.get("Content-Length")
             if length and length.isdigit() and int(length) > max_size:
-                return Failed("too_large", f"{int(length)} bytes, limit {max_size}")
+                return Failed("too_large", f"{int(length)} bytes announced, limit {max_size}", int(length))
             encoded = response.headers.get("Content-Encoding", "identity").lower() != "identity"
             name = parse_content_disposition(response.headers.get("Content-Disposition"))
             content_type = response.headers.get("Content-Type", "application/octet-stream")
@@ -262,7 +263,7 @@ def _fetch_once(url, session, api_url, part_path, max_size, should_stop, chunk_s
     except requests.RequestException as exc:
         return Retry("connection", f"{type(exc).__name__} from {_host(url)}")
     except _TooLarge as exc:
-        return Failed("too_large", str(exc))
+        return Failed("too_large", f"more than {exc.args[0]} bytes read, limit {max_size}", exc.args[0])
     except OSError as exc:
         return Retry("local_io", f"writing {part_path}: {exc.strerror or exc}")
     if length and length.isdigit() and int(length) != size and not encoded:
@@ -282,7 +283,7 @@ def _stream(response, part_path: Path, max_size: int, should_stop, chunk_size: i
         for chunk in response.iter_content(chunk_size):
             size += len(chunk)
             if size > max_size:
-                raise _TooLarge(f"more than {max_size} bytes (limit), stopped reading")
+                raise _TooLarge(size)
             sha.update(chunk)
             out.write(chunk)
             if should_stop is not None and should_stop():

@@ -264,11 +264,11 @@ class Ledger:
                               (str(final_path), duration))
             self._maybe_reply(db, file_id)
 
-    def failed(self, file_id: int, owner: str, reason: str, detail: str) -> None:
+    def failed(self, file_id: int, owner: str, reason: str, detail: str, size: int | None = None) -> None:
         with self._tx() as db:
             self._update_file(db, file_id, owner,
                               "state = 'failed', next_at = NULL, lease_owner = NULL, part_path = NULL,"
-                              " reason = ?, detail = ?", (reason, detail))
+                              " reason = ?, detail = ?, size = ?", (reason, detail, size))
             self._maybe_reply(db, file_id)
 
     def retry(self, file_id: int, owner: str, when: float, reason: str, detail: str) -> None:
@@ -441,7 +441,7 @@ def reply_text(files: list[sqlite3.Row], max_size: int) -> str:
         if f["state"] == "saved":
             lines.append(f"Saved **{f['name']}** ({format_size(f['size'])})")
         else:
-            lines.append(f"Not saved: {failure_text(f['reason'], f['detail'], max_size)}")
+            lines.append(f"Not saved: {failure_text(f['reason'], f['detail'], max_size, f['size'])}")
     return "\n".join(lines)
 
 
@@ -455,9 +455,11 @@ _FAILURE_TEXT = {
 }
 
 
-def failure_text(reason: str | None, detail: str | None, max_size: int) -> str:
+def failure_text(reason: str | None, detail: str | None, max_size: int, size: int | None = None) -> str:
+    """A failure in plain words, for replies and the history."""
     if reason == "too_large":
-        return f"too large (limit {format_size(max_size)})"
+        actual = f"{'more than ' if detail and 'read' in detail else ''}{format_size(size)}, " if size else ""
+        return f"too large: {actual}limit {format_size(max_size)}"
     if reason == "gave_up":
         return f"gave up after repeated errors ({detail})"
     return _FAILURE_TEXT.get(reason or "", f"{reason}: {detail}")
@@ -681,7 +683,7 @@ class Workers:
         elif isinstance(result, downloader.Retry):
             self._retry_or_give_up(row, result)
         else:
-            self.ledger.failed(fid, self.owner, result.reason, result.detail)
+            self.ledger.failed(fid, self.owner, result.reason, result.detail, result.size)
             self.metrics.files.labels("failed", result.reason).inc()
             log.error("file failed %s url=%s reason=%s detail=%s duration=%.3fs",
                       _about(row), row["url"], result.reason, result.detail, duration)

@@ -370,3 +370,22 @@ def test_metrics_count_webhooks_files_and_queue(fake, make_settings, run_bot):
     assert "filebot_saved_bytes_total 5.0" in text
     assert 'filebot_queue_depth{kind="queued"} 0.0' in text
     assert "filebot_download_seconds_count 2.0" in text
+
+
+def test_reply_names_the_size_and_limit_of_a_file_too_large(fake, make_settings, run_bot):
+    url = fake.add_file(PatternBody(2_100_000), name="huge.mov")
+    running = run_bot(make_settings(MAX_FILE_SIZE="1.5MB"))
+    running.post(webhook_payload("M1", [url]))
+    wait_until(lambda: fake.posted, message="reply posted")
+    assert fake.posted[0]["markdown"] == "Not saved: too large: 2.1 MB, limit 1.5 MB"
+
+
+def test_a_failing_reply_is_recorded_and_repeats_nothing(fake, make_settings, run_bot):
+    url = fake.add_file(b"data", name="d.txt")
+    fake.fail_api["/v1/messages"] = [500]
+    running = run_bot(make_settings())
+    running.post(webhook_payload("M1", [url]))
+    wait_until(lambda: message_row(running, "M1")["reply_state"] == "failed", message="reply failed")
+    assert "HTTP 500" in message_row(running, "M1")["reply_error"]
+    assert len(content_gets(fake)) == 1 and len(running.files("saved")) == 1
+    assert len([r for r in fake.requests_for("/v1/messages") if r.method == "POST"]) == 1

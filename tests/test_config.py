@@ -93,8 +93,8 @@ def test_parse_size_rejects(text):
 
 
 @pytest.mark.parametrize("n, expected", [
-    (0, "0 B"), (999, "999 B"), (1000, "1.0 KB"), (1_234_567, "1.2 MB"), (5 * 10**9, "5.0 GB"),
-    (5 * 10**12, "5000.0 GB"),
+    (0, "0 B"), (999, "999 B"), (1000, "1 KB"), (1_234_567, "1.2 MB"), (5 * 10**9, "5 GB"),
+    (150_000_000, "150 MB"), (5 * 10**12, "5000 GB"),
 ])
 def test_format_size(n, expected):
     assert format_size(n) == expected
