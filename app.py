@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import sqlite3
 import sys
 import tempfile
 import time
@@ -72,7 +73,11 @@ def create_app(settings: Settings | None = None, *, clock=time.time) -> Flask:
     configure_logging(settings)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_WEBHOOK_BYTES
-    bot = Bot(settings, clock)
+    try:
+        bot = Bot(settings, clock)
+    except sqlite3.Error as exc:
+        sys.exit(f"webex-file-bot: cannot open the ledger {settings.database_path}: {exc} "
+                 "(is it owned by another user? run commands as the service user)")
     app.extensions["filebot"] = bot
 
     @app.post("/webhook")

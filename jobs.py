@@ -259,9 +259,9 @@ class Ledger:
     def saved(self, file_id: int, owner: str, final_path: Path, duration: float | None) -> None:
         with self._tx() as db:
             self._update_file(db, file_id, owner,
-                              "state = 'saved', next_at = NULL, lease_owner = NULL, final_path = ?,"
+                              "state = 'saved', next_at = NULL, lease_owner = NULL, final_path = ?, name = ?,"
                               " part_path = NULL, reason = NULL, detail = NULL, duration = ?",
-                              (str(final_path), duration))
+                              (str(final_path), final_path.name, duration))
             self._maybe_reply(db, file_id)
 
     def failed(self, file_id: int, owner: str, reason: str, detail: str, size: int | None = None) -> None:

@@ -389,3 +389,23 @@ def test_a_failing_reply_is_recorded_and_repeats_nothing(fake, make_settings, ru
     assert "HTTP 500" in message_row(running, "M1")["reply_error"]
     assert len(content_gets(fake)) == 1 and len(running.files("saved")) == 1
     assert len([r for r in fake.requests_for("/v1/messages") if r.method == "POST"]) == 1
+
+
+def test_reply_uses_the_final_name_when_the_name_was_taken(fake, make_settings, run_bot):
+    settings = make_settings()
+    settings.download_dir.mkdir(parents=True)
+    (settings.download_dir / "report.pdf").write_bytes(b"someone else's")
+    running = run_bot(settings)
+    running.post(webhook_payload("M1", [fake.add_file(b"new", name="report.pdf")]))
+    wait_until(lambda: fake.posted, message="reply posted")
+    assert fake.posted[0]["markdown"] == "Saved **report (1).pdf** (3 B)"
+    assert [r["name"] for r in running.files("saved")] == ["report (1).pdf"]
+
+
+def test_an_unwritable_ledger_stops_start_up_with_a_clear_message(tmp_path, make_settings):
+    from app import create_app
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "bot.sqlite3").write_bytes(b"this is not a database" * 100)
+    with pytest.raises(SystemExit) as stopped:
+        create_app(make_settings())
+    assert "cannot open the ledger" in str(stopped.value) and "bot.sqlite3" in str(stopped.value)
