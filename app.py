@@ -114,6 +114,8 @@ def receive_webhook(bot: Bot, body: bytes, signature: str | None, remote: str | 
         message = Message.from_webhook(data)
         if not isinstance(message.id, str) or not message.id:
             raise ValueError("data.id")
+        if not all(v is None or isinstance(v, str) for v in vars(message).values()):
+            raise ValueError("data fields must be strings")
     except (ValueError, TypeError, KeyError, AttributeError):
         m.webhooks.labels("invalid").inc()
         log.warning("webhook rejected: signed but not a Webex webhook (%d bytes) from %s", len(body), remote)
