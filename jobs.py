@@ -711,7 +711,7 @@ class Workers:
                      _about(row), final.name, row["size"])
             return True
         if part.exists() and part.stat().st_size == row["size"]:
-            fetched = downloader.Fetched(part, final.name, row["size"], row["sha256"], row["content_type"])
+            fetched = downloader.Fetched(part, row["name"], row["size"], row["sha256"], row["content_type"])
             self._commit(row, fetched, row["duration"])
             return True
         fresh = f"{fid}-{self.owner.rsplit('/', 1)[-1]}.part"
