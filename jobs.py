@@ -209,15 +209,17 @@ class Ledger:
 
     def next_due(self) -> float | None:
         db = self._db()
-        times = [db.execute(f"SELECT min(next_at) FROM {t}").fetchone()[0] for t in ("messages", "files")]
-        times = [t for t in times if t is not None]
+        times = [db.execute(f"SELECT next_at FROM {t} WHERE next_at IS NOT NULL ORDER BY next_at LIMIT 1")
+                 .fetchone() for t in ("messages", "files")]  # the partial index, never a table scan
+        times = [t[0] for t in times if t is not None]
         return min(times) if times else None
 
     def renew(self, owner: str, lease: float) -> None:
         """Extend every lease ``owner`` holds (the heartbeat)."""
         until = self.clock() + lease
         with self._tx() as db:
-            db.execute("UPDATE files SET next_at = ? WHERE lease_owner = ? AND state = 'active'", (until, owner))
+            db.execute("UPDATE files SET next_at = ? WHERE next_at IS NOT NULL AND lease_owner = ?"
+                       " AND state = 'active'", (until, owner))
             db.execute("UPDATE messages SET next_at = ? WHERE lease_owner = ? AND next_at IS NOT NULL",
                        (until, owner))
 
@@ -226,7 +228,8 @@ class Ledger:
         now = self.clock()
         n = 0
         with self._tx() as db:
-            for table, cond in (("files", "state = 'active'"), ("messages", "next_at IS NOT NULL")):
+            for table, cond in (("files", "next_at IS NOT NULL AND state = 'active'"),
+                                ("messages", "next_at IS NOT NULL")):
                 owners = [r[0] for r in db.execute(
                     f"SELECT DISTINCT lease_owner FROM {table} WHERE {cond} AND lease_owner IS NOT NULL")]
                 for owner in filter(is_dead, owners):
