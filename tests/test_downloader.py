@@ -305,6 +305,15 @@ def content_requests(fake, url):
     return fake.requests_for(url.rsplit("/", 1)[-1])
 
 
+def test_a_file_larger_than_the_writeback_step_is_saved_intact(fake, session, dest):
+    import downloader
+    body = PatternBody(downloader.WRITEBACK_BYTES * 2 + 12345, seed=11)
+    url = fake.add_file(body, name="big.bin")
+    result = download(url, dest, session=session, api_url=fake.api_url, max_size=200 * MB)
+    assert isinstance(result, Fetched) and result.size == body.size
+    assert hashlib.sha256((dest / "big.bin").read_bytes()).hexdigest() == body.sha256() == result.sha256
+
+
 def test_download_saves_complete_file_with_hash_and_size(fake, session, dest):
     body = PatternBody(2_500_000, seed=7)
     url = fake.add_file(body, name="report.pdf", content_type="application/pdf")
