@@ -21,6 +21,7 @@ import os
 import re
 import unicodedata
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -30,11 +31,10 @@ import requests
 
 from webex import is_trusted_url, parse_retry_after
 
-CHUNK_SIZE = 1024 * 1024
+CHUNK_SIZE = 4 * 1024 * 1024  # measured: 4 MiB chunks beat 1 MiB by ~1.4x on a 1 GiB file (bench/throughput.py)
 TIMEOUT = (10, 60)  # connect, and each read of the body
 MAX_NAME_BYTES = 255
 MAX_REDIRECTS = 5
-WRITEBACK_BYTES = 32 * 1024 * 1024  # start writing to disk every 32 MiB (see _start_writeback)
 PARTIAL_DIR = ".partial"
 FALLBACK_STEM = "webex-file"
 
@@ -280,33 +280,24 @@ def _stream(response, part_path: Path, max_size: int, should_stop, chunk_size: i
     part_path.parent.mkdir(parents=True, exist_ok=True)
     sha = hashlib.sha256()
     size = 0
-    flushed = 0
-    with open(part_path, "wb", buffering=0) as out:
+    hashed: Future | None = None
+    # SHA-256 runs in a helper thread (hashlib releases the GIL) while this one
+    # writes the chunk and reads the next: hashing no longer adds to the time.
+    with open(part_path, "wb", buffering=0) as out, ThreadPoolExecutor(1, "sha256") as hasher:
         for chunk in response.iter_content(chunk_size):
             size += len(chunk)
             if size > max_size:
                 raise _TooLarge(size)
-            sha.update(chunk)
+            if hashed is not None:
+                hashed.result()
+            hashed = hasher.submit(sha.update, chunk)
             out.write(chunk)
-            if size - flushed >= WRITEBACK_BYTES:
-                _start_writeback(out.fileno(), flushed, size - flushed)
-                flushed = size
             if should_stop is not None and should_stop():
                 raise Interrupted(str(part_path))
+        if hashed is not None:
+            hashed.result()
         os.fsync(out.fileno())
     return size, sha.hexdigest()
-
-
-def _start_writeback(fd: int, offset: int, length: int) -> None:
-    """Ask the kernel to write this range out now, without waiting.
-
-    Linux starts writeback of dirty pages on ``POSIX_FADV_DONTNEED`` (and drops
-    the pages once clean), so the disk works while the network streams and the
-    final fsync has little left to do; the page cache does not fill up with a
-    large file either. Elsewhere this is a no-op.
-    """
-    if hasattr(os, "posix_fadvise"):
-        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 def _classify(status: int, response: requests.Response) -> Retry | Failed:

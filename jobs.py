@@ -113,6 +113,7 @@ class Ledger:
         self.clock = clock
         self.replies = replies
         self._local = threading.local()
+        self._write_lock = threading.Lock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db().executescript(f"BEGIN IMMEDIATE;\n{SCHEMA}\nCOMMIT;")
 
@@ -131,14 +132,17 @@ class Ledger:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction. Threads of this process queue on a lock first: SQLite's own
+        busy handler sleeps in steps of up to 100 ms, which showed as 300-500 ms p99 under load."""
         db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        with self._write_lock:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)

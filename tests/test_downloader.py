@@ -305,9 +305,8 @@ def content_requests(fake, url):
     return fake.requests_for(url.rsplit("/", 1)[-1])
 
 
-def test_a_file_larger_than_the_writeback_step_is_saved_intact(fake, session, dest):
-    import downloader
-    body = PatternBody(downloader.WRITEBACK_BYTES * 2 + 12345, seed=11)
+def test_a_file_of_many_chunks_is_saved_intact(fake, session, dest):
+    body = PatternBody(40 * MB + 12345, seed=11)
     url = fake.add_file(body, name="big.bin")
     result = download(url, dest, session=session, api_url=fake.api_url, max_size=200 * MB)
     assert isinstance(result, Fetched) and result.size == body.size
