@@ -140,7 +140,7 @@ def main() -> None:
                  lambda: wire_only(url, session, downloader.CHUNK_SIZE)),
                 ("downloader, SHA-256 replaced by a no-op", lambda: without_hash(url, api_url, dest, session)),
                 ("downloader, chunk 64 KiB", lambda: with_bot(url, api_url, dest, session, 64 * 1024)),
-                ("downloader, chunk 4 MiB", lambda: with_bot(url, api_url, dest, session, 4 * MiB)),
+                ("downloader, chunk 1 MiB", lambda: with_bot(url, api_url, dest, session, MiB)),
                 ("SHA-256 alone, in memory", lambda: hash_only(size)),
             ]]
             session.close()
