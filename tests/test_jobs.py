@@ -159,3 +159,38 @@ def test_hostile_subdir_values_cannot_escape(make_settings):
            "received_at": 0.0}
     path = subdir_for("{sender_email}/{room_id}/{room_type}", row)
     assert ".." not in path.parts and not path.is_absolute()
+
+
+def test_concurrent_records_are_all_committed_once_each(make_settings):
+    """Group commit: many threads at once, with redeliveries among them."""
+    import threading
+    settings = make_settings()
+    ledger = Ledger(settings.database_path)
+    ids = [f"M{i % 25}" for i in range(100)]  # each id delivered 4 times
+    barrier = threading.Barrier(20)
+    results: dict[str, list[bool]] = {}
+    lock = threading.Lock()
+
+    def deliver(chunk):
+        barrier.wait()
+        for mid in chunk:
+            new = ledger.record(Message(mid), [f"https://webexapis.com/v1/contents/{mid}"], resolve=False)
+            with lock:
+                results.setdefault(mid, []).append(new)
+
+    threads = [threading.Thread(target=deliver, args=(ids[i::20],)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert {mid: sorted(r) for mid, r in results.items()} == {f"M{i}": [False, False, False, True]
+                                                              for i in range(25)}
+    assert len(ledger.history(limit=1000)) == 25
+
+
+def test_a_failed_record_is_rolled_back_and_raised(make_settings):
+    ledger = Ledger(make_settings().database_path)
+    with pytest.raises(Exception):
+        ledger.record(Message("M1"), [object()], resolve=False)  # a value SQLite cannot store
+    assert ledger.message("M1") is None
+    assert ledger.record(Message("M1"), ["https://webexapis.com/v1/contents/A"], resolve=False) is True
