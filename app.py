@@ -116,7 +116,7 @@ def receive_webhook(bot: Bot, body: bytes, signature: str | None, remote: str | 
             raise ValueError("data.id")
         if not all(v is None or isinstance(v, str) for v in vars(message).values()):
             raise ValueError("data fields must be strings")
-    except (ValueError, TypeError, KeyError, AttributeError):
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
         m.webhooks.labels("invalid").inc()
         log.warning("webhook rejected: signed but not a Webex webhook (%d bytes) from %s", len(body), remote)
         return {"error": "not a Webex webhook"}, 400

@@ -69,9 +69,9 @@ def test_signature_with_the_wrong_secret_is_401(fake, make_settings, run_bot):
 @pytest.mark.parametrize("body", [b"not json", b"[1, 2]", b'{"data": "x"}', b'{"resource": "messages"}',
                                   b'{"data": {"id": 42}}', b'{"data": {"id": ""}}', b"\xff\xfe",
                                   b'{"data": {"id": "M1", "personEmail": ["a@b.c"]}}',
-                                  b'{"data": {"id": "M1", "roomId": {"x": 1}}}'],
+                                  b'{"data": {"id": "M1", "roomId": {"x": 1}}}', b"[" * 30_000 + b"]" * 30_000],
                          ids=["text", "list", "data-not-object", "no-data", "id-not-string", "id-empty",
-                              "binary", "email-not-string", "room-not-string"])
+                              "binary", "email-not-string", "room-not-string", "deeply-nested"])
 def test_signed_body_that_is_not_a_webhook_is_400(make_settings, run_bot, body):
     running = run_bot(make_settings(), workers=False)
     assert running.post(body).status_code == 400
