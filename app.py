@@ -56,7 +56,10 @@ class Bot:
     def bot_id(self) -> str | None:
         """The bot's person id once a worker has looked it up (never fetched on the request path)."""
         if self._bot_id is None:
-            self._bot_id = self.ledger.meta("bot_id")
+            try:
+                self._bot_id = self.ledger.meta("bot_id")
+            except sqlite3.Error:  # the record that follows fails too, with a 503
+                return None
         return self._bot_id
 
 
@@ -72,7 +75,6 @@ def create_app(settings: Settings | None = None, *, clock=time.time) -> Flask:
             sys.exit(f"webex-file-bot: {exc}")
     configure_logging(settings)
     app = Flask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = MAX_WEBHOOK_BYTES
     try:
         bot = Bot(settings, clock)
     except sqlite3.Error as exc:
@@ -82,8 +84,12 @@ def create_app(settings: Settings | None = None, *, clock=time.time) -> Flask:
 
     @app.post("/webhook")
     def webhook():
-        return receive_webhook(bot, request.get_data(cache=False), request.headers.get("X-Spark-Signature"),
-                               request.remote_addr)
+        body = read_body(request, MAX_WEBHOOK_BYTES)
+        if body is None:
+            bot.metrics.webhooks.labels("too_large").inc()
+            log.warning("webhook rejected: body over %d bytes from %s", MAX_WEBHOOK_BYTES, request.remote_addr)
+            return {"error": "body too large"}, 413
+        return receive_webhook(bot, body, request.headers.get("X-Spark-Signature"), request.remote_addr)
 
     @app.get("/healthz")
     def healthz():
@@ -97,6 +103,14 @@ def create_app(settings: Settings | None = None, *, clock=time.time) -> Flask:
 
     register_commands(app)
     return app
+
+
+def read_body(req, limit: int) -> bytes | None:
+    """The raw body, or None if it is longer than ``limit`` (announced or, when chunked, read)."""
+    if req.content_length is not None and req.content_length > limit:
+        return None
+    body = req.stream.read(limit + 1)
+    return None if len(body) > limit else body
 
 
 def receive_webhook(bot: Bot, body: bytes, signature: str | None, remote: str | None):
@@ -350,19 +364,16 @@ def webhooks_create(target_url: str, name: str, filter_: str, files_only: bool, 
     try:
         same = [h for h in client.webhooks() if h.get("name") == name and h.get("resource") == "messages"
                 and h.get("event") == "created"]
-        hook, action = None, "created"
         if same and (same[0].get("filter") or "") == wanted_filter:
             hook = client.update_webhook(same[0]["id"], name=name, target_url=target_url,
                                          secret=settings.webhook_secret, status="active")
-            action = "updated"
-        elif same:  # the filter cannot be changed in place
-            client.delete_webhook(same[0]["id"])
-            action = "replaced"
-        for extra in same[1:]:
-            client.delete_webhook(extra["id"])
-        if hook is None:
+            action, stale = "updated", same[1:]
+        else:  # new, or the filter changed (it cannot be changed in place): create, then delete the old
             hook = client.create_webhook(name=name, target_url=target_url, secret=settings.webhook_secret,
                                          filter=wanted_filter or None)
+            action, stale = ("replaced" if same else "created"), same
+        for old in stale:
+            client.delete_webhook(old["id"])
     except WebexError as exc:
         _fail(_explain(exc))
     _bot().ledger.set_meta("webhook_target", target_url)

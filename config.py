@@ -193,12 +193,15 @@ def _api_url(s: str) -> str:
         raise ValueError(s)
     if parts.scheme != "https" and not (parts.scheme == "http" and is_loopback_host(parts.hostname)):
         raise ValueError(s)
+    if parts.port == 0:  # reading .port also raises ValueError for a non-number or one above 65535
+        raise ValueError(s)
     return s.rstrip("/")
 
 
 def _sqlite_url(s: str) -> str:
-    if not s.startswith("sqlite:///") or len(s) == len("sqlite:///"):
-        raise ValueError(s)
+    path = s[len("sqlite:///"):]
+    if not s.startswith("sqlite:///") or not path or path.endswith("/") or ":memory:" in path:
+        raise ValueError(s)  # in-memory would give every thread its own empty ledger
     return s
 
 

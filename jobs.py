@@ -230,25 +230,31 @@ class Ledger:
 
     # -- claiming
     def claim(self, owner: str, lease: float) -> tuple[str, sqlite3.Row] | None:
-        """Take the next due item: ``('message', row)``, ``('file', row)`` or None."""
+        """Take the next due item: ``('message', row)``, ``('file', row)`` or None.
+
+        Each claim gets its own token, ``owner/random``, in ``lease_owner``: every
+        later update must present it, so a thread whose lease was taken over
+        (even by a sibling thread of the same process) changes nothing, and
+        each claim streams into its own part file.
+        """
         now = self.clock()
+        claim = f"{owner}/{uuid.uuid4().hex[:8]}"
         with self._tx() as db:
-            row = db.execute("SELECT * FROM messages WHERE next_at <= ? ORDER BY next_at LIMIT 1",
+            row = db.execute("SELECT id FROM messages WHERE next_at <= ? ORDER BY next_at LIMIT 1",
                              (now,)).fetchone()
             if row is not None:
-                db.execute("UPDATE messages SET next_at = ?, lease_owner = ?, attempts = attempts + 1"
-                           " WHERE id = ?", (now + lease, owner, row["id"]))
-                return "message", row
+                return "message", db.execute(
+                    "UPDATE messages SET next_at = ?, lease_owner = ?, attempts = attempts + 1"
+                    " WHERE id = ? RETURNING *", (now + lease, claim, row["id"])).fetchone()
             row = db.execute("SELECT id FROM files WHERE next_at <= ? ORDER BY next_at LIMIT 1",
                              (now,)).fetchone()
             if row is None:
                 return None
-            part = f"{row['id']}-{owner.rsplit('/', 1)[-1]}.part"
             db.execute(
                 "UPDATE files SET state = 'active', next_at = ?, lease_owner = ?, attempts = attempts + 1,"
                 " first_try_at = coalesce(first_try_at, ?),"
                 " part_path = CASE WHEN final_path IS NULL THEN ? ELSE part_path END, updated_at = ?"
-                " WHERE id = ?", (now + lease, owner, now, part, now, row["id"]))
+                " WHERE id = ?", (now + lease, claim, now, part_name(row["id"], claim), now, row["id"]))
             return "file", db.execute(_FILE_WITH_MESSAGE + " WHERE f.id = ?", (row["id"],)).fetchone()
 
     def next_due(self) -> float | None:
@@ -259,13 +265,14 @@ class Ledger:
         return min(times) if times else None
 
     def renew(self, owner: str, lease: float) -> None:
-        """Extend every lease ``owner`` holds (the heartbeat)."""
+        """Extend every lease the claims of ``owner`` hold (the heartbeat)."""
         until = self.clock() + lease
+        prefix = owner + "/"
         with self._tx() as db:
-            db.execute("UPDATE files SET next_at = ? WHERE next_at IS NOT NULL AND lease_owner = ?"
-                       " AND state = 'active'", (until, owner))
-            db.execute("UPDATE messages SET next_at = ? WHERE lease_owner = ? AND next_at IS NOT NULL",
-                       (until, owner))
+            db.execute("UPDATE files SET next_at = ? WHERE next_at IS NOT NULL AND state = 'active'"
+                       " AND substr(lease_owner, 1, ?) = ?", (until, len(prefix), prefix))
+            db.execute("UPDATE messages SET next_at = ? WHERE next_at IS NOT NULL"
+                       " AND substr(lease_owner, 1, ?) = ?", (until, len(prefix), prefix))
 
     def release_owners(self, is_dead: Callable[[str], bool]) -> int:
         """Make the items of dead holders due now (after a crash, instead of waiting for the lease)."""
@@ -426,6 +433,11 @@ class RetryPolicy:
 
     def gives_up(self, attempts: int, first_try_at: float, when: float) -> bool:
         return attempts >= self.max_attempts or when - first_try_at > self.max_age
+
+
+def part_name(file_id: int, claim: str) -> str:
+    """The temporary file of one claim of one file, in ``DOWNLOAD_DIR/.partial/``."""
+    return f"{file_id}-{claim.rsplit('/', 1)[-1]}.part"
 
 
 def new_owner() -> str:
@@ -590,14 +602,19 @@ class Workers:
                     log.error("the token was rejected by %s (HTTP 401): check WEBEX_BOT_TOKEN",
                               self.settings.api_url)
                     break
+                if not exc.temporary:
+                    log.error("could not look the bot up: %s", exc)
+                    break
                 log.warning("could not look the bot up yet (%s); trying again", exc)
                 self._stop.wait(self.policy.delay(attempt, exc.retry_after, self.rand))
         client.close()
 
     def _sweep_partials(self) -> None:
+        """Delete part files no claim refers to. Only old ones: another process may have
+        claimed a file and created its part between our two reads."""
         live = self.ledger.live_part_paths()
         for path in self.partial_dir.glob("*.part"):
-            if path.name not in live:
+            if path.name not in live and path.stat().st_mtime < time.time() - self.lease:
                 path.unlink(missing_ok=True)
 
     def _heartbeat(self) -> None:
@@ -625,22 +642,41 @@ class Workers:
                     self._idle()
                     continue
                 kind, row = claimed
-                if kind == "file":
-                    self._file(row, session)
-                elif row["state"] == "resolving":
-                    self._resolve(row, client)
-                else:
-                    self._reply(row, client)
+                try:
+                    self._work(kind, row, session, client)
+                except (LostLease, sqlite3.Error):
+                    raise
+                except Exception as exc:  # a bug or the local disk: retry within the bound, then fail
+                    log.exception("unexpected error on %s %s", kind, row["id"])
+                    self._unexpected(kind, row, exc)
             except LostLease as exc:
                 log.warning("lease on %s ran out while working on it; another worker has it", exc)
             except sqlite3.Error as exc:
                 log.error("ledger error: %s", exc)
                 self._stop.wait(1.0)
-            except Exception:
-                log.exception("unexpected error in a download worker")
-                self._stop.wait(1.0)
         session.close()
         client.close()
+
+    def _work(self, kind: str, row: sqlite3.Row, session, client: WebexClient) -> None:
+        if kind == "file":
+            self._file(row, session)
+        elif row["state"] == "resolving":
+            self._resolve(row, client)
+        else:
+            self._reply(row, client)
+
+    def _unexpected(self, kind: str, row: sqlite3.Row, exc: Exception) -> None:
+        """Never leave an item leased forever: treat the error as temporary, within the bound."""
+        detail = f"{type(exc).__name__}: {exc}"
+        if kind == "file":
+            self._retry_or_give_up(row, downloader.Retry("internal", detail))
+            return
+        now = self.clock()
+        if self.policy.gives_up(row["attempts"], row["received_at"], now):
+            self.ledger.message_done(row["id"], row["lease_owner"], "failed", detail)
+        else:
+            when = now + self.policy.delay(row["attempts"], None, self.rand)
+            self.ledger.message_retry(row["id"], row["lease_owner"], when, detail)
 
     # -- messages
     def bot_id(self, client: WebexClient, refresh: bool = False) -> str:
@@ -656,10 +692,10 @@ class Workers:
             return self._bot_id
 
     def _resolve(self, row: sqlite3.Row, client: WebexClient) -> None:
-        mid = row["id"]
+        mid, claim = row["id"], row["lease_owner"]
         try:
             if row["person_id"] and row["person_id"] == self.bot_id(client):
-                self.ledger.message_done(mid, self.owner, "ignored", "sent by the bot itself")
+                self.ledger.message_done(mid, claim, "ignored", "sent by the bot itself")
                 log.info("event ignored message=%s reason=own-message", mid)
                 return
             files = json.loads(row["webhook_files"]) if row["webhook_files"] else None
@@ -668,24 +704,24 @@ class Workers:
         except WebexError as exc:
             if exc.temporary and not self.policy.gives_up(row["attempts"], row["received_at"], self.clock()):
                 when = self.clock() + self.policy.delay(row["attempts"], exc.retry_after, self.rand)
-                self.ledger.message_retry(mid, self.owner, when, str(exc))
+                self.ledger.message_retry(mid, claim, when, str(exc))
                 log.warning("message lookup will be retried message=%s error=%s", mid, exc)
             else:
-                self.ledger.message_done(mid, self.owner, "failed", str(exc))
+                self.ledger.message_done(mid, claim, "failed", str(exc))
                 log.error("message lookup failed for good message=%s error=%s", mid, exc)
             return
-        self.ledger.resolved(mid, self.owner, [f for f in files if isinstance(f, str)])
+        self.ledger.resolved(mid, claim, [f for f in files if isinstance(f, str)])
         log.info("message resolved message=%s files=%d", mid, len(files))
         self.wake()
 
     def _reply(self, row: sqlite3.Row, client: WebexClient) -> None:
-        mid = row["id"]
+        mid, claim = row["id"], row["lease_owner"]
         if row["reply_state"] == "sending":  # a holder stopped mid-send: it may have gone out
-            self.ledger.reply_done(mid, self.owner, "failed", "interrupted while sending; not sent twice")
+            self.ledger.reply_done(mid, claim, "failed", "interrupted while sending; not sent twice")
             return
-        files = self.ledger.start_reply(mid, self.owner)
+        files = self.ledger.start_reply(mid, claim)
         if not files or not row["room_id"]:
-            self.ledger.reply_done(mid, self.owner, "failed", "nothing to reply to")
+            self.ledger.reply_done(mid, claim, "failed", "nothing to reply to")
             return
         parent = mid if row["room_type"] == "group" else None
         try:
@@ -693,12 +729,12 @@ class Workers:
         except WebexError as exc:
             if exc.status == 429 and row["attempts"] < 5:  # not posted: safe to try again
                 when = self.clock() + self.policy.delay(row["attempts"], exc.retry_after, self.rand)
-                self.ledger.reply_done(mid, self.owner, "pending", str(exc), when)
+                self.ledger.reply_done(mid, claim, "pending", str(exc), when)
             else:
-                self.ledger.reply_done(mid, self.owner, "failed", str(exc))
+                self.ledger.reply_done(mid, claim, "failed", str(exc))
             log.warning("reply not sent message=%s error=%s", mid, exc)
             return
-        self.ledger.reply_done(mid, self.owner, "sent")
+        self.ledger.reply_done(mid, claim, "sent")
         log.info("reply sent message=%s room=%s", mid, row["room_id"])
 
     # -- files
@@ -706,13 +742,16 @@ class Workers:
         return self.download_dir / subdir_for(self.settings.download_subdir, row)
 
     def _file(self, row: sqlite3.Row, session) -> None:
-        fid = row["id"]
-        if row["final_path"] and self._reconcile(row):
-            return
-        for stale in self.partial_dir.glob(f"{fid}-*.part"):
-            if stale.name != row["part_path"]:
+        fid, claim = row["id"], row["lease_owner"]
+        part_path = row["part_path"]
+        if row["final_path"]:
+            part_path = self._reconcile(row)
+            if part_path is None:
+                return
+        for stale in self.partial_dir.glob(f"{fid}-*.part"):  # from holders that stopped
+            if stale.name != part_path:
                 stale.unlink(missing_ok=True)
-        part = self.partial_dir / row["part_path"]
+        part = self.partial_dir / part_path
         started = time.monotonic()
         try:
             result = downloader.fetch(
@@ -720,7 +759,7 @@ class Workers:
                 max_size=self.settings.max_file_size, allow_unscannable=self.settings.allow_unscannable,
                 should_stop=self._stop.is_set, chunk_size=self.chunk_size)
         except downloader.Interrupted:
-            self.ledger.release(fid, self.owner)
+            self.ledger.release(fid, claim)
             log.info("file interrupted by shutdown, back in the queue %s", _about(row))
             return
         duration = time.monotonic() - started
@@ -730,51 +769,52 @@ class Workers:
         elif isinstance(result, downloader.Retry):
             self._retry_or_give_up(row, result)
         else:
-            self.ledger.failed(fid, self.owner, result.reason, result.detail, result.size)
+            self.ledger.failed(fid, claim, result.reason, result.detail, result.size)
             self.metrics.files.labels("failed", result.reason).inc()
             log.error("file failed %s url=%s reason=%s detail=%s duration=%.3fs",
                       _about(row), row["url"], result.reason, result.detail, duration)
 
     def _commit(self, row: sqlite3.Row, fetched: downloader.Fetched, duration: float | None) -> None:
-        fid = row["id"]
+        fid, claim = row["id"], row["lease_owner"]
         final = downloader.commit(fetched.part_path, self._dest_dir(row), fetched.name,
-                                  before_link=lambda path: self.ledger.set_intent(fid, self.owner, path, fetched))
-        self.ledger.saved(fid, self.owner, final, duration)
+                                  before_link=lambda path: self.ledger.set_intent(fid, claim, path, fetched))
+        self.ledger.saved(fid, claim, final, duration)
         self.metrics.files.labels("saved", "").inc()
         self.metrics.bytes.inc(fetched.size)
         log.info("file saved %s name=%r bytes=%d sha256=%s duration=%.3fs",
                  _about(row), str(final.relative_to(self.download_dir)), fetched.size, fetched.sha256,
                  duration or 0.0)
 
-    def _reconcile(self, row: sqlite3.Row) -> bool:
-        """Finish a commit a stopped holder began. True if the file is now saved."""
-        fid, final = row["id"], Path(row["final_path"])
+    def _reconcile(self, row: sqlite3.Row) -> str | None:
+        """Finish a commit a stopped holder began: None if the file is now saved, else the
+        name of the part file to download into afresh."""
+        fid, claim, final = row["id"], row["lease_owner"], Path(row["final_path"])
         part = self.partial_dir / row["part_path"]
         linked = final.exists() and (not part.exists() or os.path.samefile(part, final))
         if linked and final.stat().st_size == row["size"]:
             part.unlink(missing_ok=True)
-            self.ledger.saved(fid, self.owner, final, row["duration"])
+            self.ledger.saved(fid, claim, final, row["duration"])
             log.info("file saved (commit recovered after a restart) %s name=%r bytes=%d",
                      _about(row), final.name, row["size"])
-            return True
+            return None
         if part.exists() and part.stat().st_size == row["size"]:
             fetched = downloader.Fetched(part, row["name"], row["size"], row["sha256"], row["content_type"])
             self._commit(row, fetched, row["duration"])
-            return True
-        fresh = f"{fid}-{self.owner.rsplit('/', 1)[-1]}.part"
-        self.ledger.clear_intent(fid, self.owner, fresh)
-        return False
+            return None
+        fresh = part_name(fid, claim)
+        self.ledger.clear_intent(fid, claim, fresh)
+        return fresh
 
     def _retry_or_give_up(self, row: sqlite3.Row, result: downloader.Retry) -> None:
-        fid, now = row["id"], self.clock()
+        fid, claim, now = row["id"], row["lease_owner"], self.clock()
         delay = self.policy.delay(row["attempts"], result.delay, self.rand)
         if self.policy.gives_up(row["attempts"], row["first_try_at"] or now, now + delay):
             detail = f"{row['attempts']} attempts; last: {result.reason} ({result.detail})"
-            self.ledger.failed(fid, self.owner, "gave_up", detail)
+            self.ledger.failed(fid, claim, "gave_up", detail)
             self.metrics.files.labels("failed", "gave_up").inc()
             log.error("file failed %s url=%s reason=gave_up detail=%s", _about(row), row["url"], detail)
             return
-        self.ledger.retry(fid, self.owner, now + delay, result.reason, result.detail)
+        self.ledger.retry(fid, claim, now + delay, result.reason, result.detail)
         self.metrics.retries.labels(result.reason).inc()
         log.warning("file will be retried %s reason=%s detail=%s in=%.1fs attempt=%d",
                     _about(row), result.reason, result.detail, delay, row["attempts"])

@@ -530,8 +530,7 @@ class Chaos:
         on_disk: dict[str, list[Path]] = {}
         for path in sorted(downloads.rglob("*")):
             if path.is_file() and ".partial" not in path.relative_to(downloads).parts:
-                with open(path, "rb") as f:
-                    on_disk.setdefault(hashlib.file_digest(f, "sha256").hexdigest(), []).append(path)
+                on_disk.setdefault(hashlib.sha256(path.read_bytes()).hexdigest(), []).append(path)
         db = self._db()
         try:
             ledger = {(r["message_id"], r["position"]): r for r in db.execute("SELECT * FROM files")}

@@ -78,6 +78,24 @@ def test_signed_body_that_is_not_a_webhook_is_400(make_settings, run_bot, body):
     assert running.files() == []
 
 
+def test_oversized_chunked_body_is_413_not_401(make_settings, run_bot):
+    running = run_bot(make_settings(), workers=False)
+    body = json.dumps({"data": {"id": "M1", "pad": "x" * 100_000}}).encode()
+    chunks = (body[i:i + 8192] for i in range(0, len(body), 8192))  # no Content-Length: chunked
+    response = requests.post(f"{running.url}/webhook", data=chunks, timeout=10,
+                             headers={"X-Spark-Signature": sign(body), "Content-Type": "application/json"})
+    assert response.status_code == 413
+    assert running.bot.ledger.message("M1") is None
+
+
+def test_chunked_webhook_within_the_limit_is_accepted(make_settings, run_bot):
+    running = run_bot(make_settings(), workers=False)
+    body = json.dumps(webhook_payload("M1", [])).encode()
+    response = requests.post(f"{running.url}/webhook", data=iter([body[:100], body[100:]]), timeout=10,
+                             headers={"X-Spark-Signature": sign(body), "Content-Type": "application/json"})
+    assert response.status_code == 202
+
+
 def test_oversized_body_is_413(make_settings, run_bot):
     running = run_bot(make_settings(), workers=False)
     body = json.dumps({"data": {"id": "M1", "pad": "x" * 100_000}}).encode()

@@ -234,3 +234,17 @@ def test_dict_ignores_dotenv_in_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert settings().max_file_size == 150_000_000
     assert problems(WEBEX_BOT_TOKEN=TOKEN) == ["WEBEX_WEBHOOK_SECRET is missing: it is required"]
+
+
+@pytest.mark.parametrize("name,value", [
+    ("DATABASE_URL", "sqlite:///:memory:"),
+    ("DATABASE_URL", "sqlite:///data/"),
+    ("WEBEX_API_URL", "https://webexapis.com:99999/v1"),
+    ("WEBEX_API_URL", "https://webexapis.com:abc/v1"),
+    ("WEBEX_API_URL", "https://webexapis.com:0/v1"),
+])
+def test_settings_that_would_break_the_bot_at_run_time_are_refused(name, value):
+    env = {"WEBEX_BOT_TOKEN": "t", "WEBEX_WEBHOOK_SECRET": "s", name: value}
+    with pytest.raises(ConfigError) as error:
+        load_settings(env)
+    assert f"{name}={value!r}" in str(error.value)

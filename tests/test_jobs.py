@@ -2,6 +2,7 @@
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -24,13 +25,14 @@ def setup(fake, make_settings):
     url = fake.add_file(content, name="report.pdf")
     ledger.record(Message("M1"), [url], resolve=False)
     kind, row = ledger.claim(DEAD, lease=60)
+    claim = row["lease_owner"]
     partial = settings.download_dir.resolve() / downloader.PARTIAL_DIR
     partial.mkdir(parents=True)
     part = partial / row["part_path"]
     part.write_bytes(content)
     fetched = downloader.Fetched(part, "report.pdf", len(content), hashlib.sha256(content).hexdigest(), "text/plain")
     final = settings.download_dir.resolve() / "report.pdf"
-    ledger.set_intent(row["id"], DEAD, final, fetched)
+    ledger.set_intent(row["id"], claim, final, fetched)
     yield settings, ledger, clock, part, final, content
     ledger.close()
 
@@ -90,10 +92,13 @@ def test_leftover_part_files_of_finished_work_are_swept_at_start(make_settings):
     ledger = Ledger(settings.database_path)
     partial = settings.download_dir.resolve() / downloader.PARTIAL_DIR
     partial.mkdir(parents=True)
-    (partial / "99-cafebabe.part").write_bytes(b"junk from a crash")
+    old, fresh = partial / "99-cafebabe.part", partial / "98-0badf00d.part"
+    old.write_bytes(b"junk from a crash an hour ago")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    fresh.write_bytes(b"another process may have just claimed file 98")
     workers = Workers(settings, ledger).start()
     workers.stop()
-    assert list(partial.iterdir()) == []
+    assert list(partial.iterdir()) == [fresh]
 
 
 def test_a_live_holder_keeps_its_claim_until_the_lease_runs_out(make_settings):
@@ -107,7 +112,7 @@ def test_a_live_holder_keeps_its_claim_until_the_lease_runs_out(make_settings):
     assert ledger.claim("holder-2", lease=60) is None
     clock.advance(2)
     kind, row = ledger.claim("holder-2", lease=60)
-    assert row["lease_owner"] == "holder-2" and row["attempts"] == 2
+    assert row["lease_owner"].startswith("holder-2/") and row["attempts"] == 2
 
 
 def test_owner_liveness():
@@ -194,3 +199,35 @@ def test_a_failed_record_is_rolled_back_and_raised(make_settings):
         ledger.record(Message("M1"), [object()], resolve=False)  # a value SQLite cannot store
     assert ledger.message("M1") is None
     assert ledger.record(Message("M1"), ["https://webexapis.com/v1/contents/A"], resolve=False) is True
+
+
+def test_a_claim_taken_over_by_a_sibling_thread_changes_nothing(make_settings):
+    from jobs import LostLease
+    clock = FakeClock()
+    ledger = Ledger(make_settings().database_path, clock=clock)
+    ledger.record(Message("M1"), ["https://webexapis.com/v1/contents/A"], resolve=False)
+    _, first = ledger.claim("host/1/same-process", lease=60)
+    clock.advance(61)  # e.g. the wall clock jumped, or a heartbeat failed
+    _, second = ledger.claim("host/1/same-process", lease=60)
+
+    assert first["lease_owner"] != second["lease_owner"]
+    assert first["part_path"] != second["part_path"]
+    fetched = downloader.Fetched(Path("/nowhere/x.part"), "x.txt", 1, "0" * 64, "text/plain")
+    with pytest.raises(LostLease):
+        ledger.set_intent(first["id"], first["lease_owner"], Path("/nowhere/x.txt"), fetched)
+    with pytest.raises(LostLease):
+        ledger.saved(first["id"], first["lease_owner"], Path("/nowhere/x.txt"), 1.0)
+    ledger.renew("host/1/same-process", lease=600)
+    assert ledger.history()[0]["next_at"] >= clock() + 599
+
+
+def test_an_unexpected_error_is_retried_within_the_bound_then_recorded(fake, make_settings, run_bot):
+    from tests.fakewebex import webhook_payload as payload
+    settings = make_settings(DOWNLOAD_SUBDIR="{sender_domain}")
+    settings.download_dir.mkdir(parents=True)
+    (settings.download_dir / "example.com").write_text("a file where the sub-folder should go")
+    running = run_bot(settings, policy=RetryPolicy(base=0.001, max_attempts=3))
+    running.post(payload("M1", [fake.add_file(b"x", name="x.txt")]))
+    row = wait_until(lambda: running.files("failed"), message="gave up")[0]
+    assert row["reason"] == "gave_up" and "internal" in row["detail"] and "FileExistsError" in row["detail"]
+    assert row["attempts"] == 3 and row["lease_owner"] is None
