@@ -586,7 +586,9 @@ class Workers:
 
     @property
     def running(self) -> bool:
-        return any(t.is_alive() for t in self._threads)
+        """Every download thread is alive (what /healthz reports)."""
+        downloads = [t for t in self._threads if t.name.startswith("download-")]
+        return bool(downloads) and all(t.is_alive() for t in downloads)
 
     def _introduce(self) -> None:
         """Look the bot up once at start: its id filters its own messages; the log says who it is."""
@@ -614,8 +616,11 @@ class Workers:
         claimed a file and created its part between our two reads."""
         live = self.ledger.live_part_paths()
         for path in self.partial_dir.glob("*.part"):
-            if path.name not in live and path.stat().st_mtime < time.time() - self.lease:
-                path.unlink(missing_ok=True)
+            try:
+                if path.name not in live and path.stat().st_mtime < time.time() - self.lease:
+                    path.unlink()
+            except FileNotFoundError:  # another process got there first
+                pass
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.lease / 4):

@@ -429,3 +429,11 @@ def test_an_unwritable_ledger_stops_start_up_with_a_clear_message(tmp_path, make
     with pytest.raises(SystemExit) as stopped:
         create_app(make_settings())
     assert "cannot open the ledger" in str(stopped.value) and "bot.sqlite3" in str(stopped.value)
+
+
+def test_healthz_is_503_when_the_download_threads_are_gone(make_settings, run_bot):
+    running = run_bot(make_settings())
+    assert requests.get(f"{running.url}/healthz", timeout=5).json()["workers"] == "running"
+    running.bot.workers.stop(timeout=10)
+    response = requests.get(f"{running.url}/healthz", timeout=5)
+    assert response.status_code == 503 and response.json()["workers"] == "stopped"

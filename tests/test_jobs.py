@@ -10,7 +10,6 @@ import pytest
 import downloader
 from jobs import Ledger, Message, RetryPolicy, Workers, allowed_sender, owner_is_dead, subdir_for
 from tests.conftest import FakeClock, wait_until
-from tests.fakewebex import webhook_payload
 
 DEAD = "some-other-host/4242/deadbeef"
 
