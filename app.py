@@ -19,6 +19,7 @@ import time
 import click
 from flask import Flask, Response, current_app, request
 from flask.cli import with_appcontext
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 import metrics
 from config import ConfigError, Settings, format_size, load_settings
@@ -75,6 +76,8 @@ def create_app(settings: Settings | None = None, *, clock=time.time) -> Flask:
             sys.exit(f"webex-file-bot: {exc}")
     configure_logging(settings)
     app = Flask(__name__)
+    if settings.proxy_hops:  # log the sender's address, not the reverse proxy's
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.proxy_hops, x_proto=settings.proxy_hops)
     try:
         bot = Bot(settings, clock)
     except sqlite3.Error as exc:

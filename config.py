@@ -65,6 +65,7 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "text"
     download_subdir: str = ""
+    proxy_hops: int = 0
 
     @property
     def database_path(self) -> Path:
@@ -145,6 +146,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     check("REPLY_ON_SAVE", "reply_on_save", _bool, "true or false", "true")
     check("LOG_LEVEL", "log_level", _log_level, "one of " + ", ".join(_LOG_LEVELS), "INFO")
     check("LOG_FORMAT", "log_format", _log_format, "text or json", "text")
+    check("PROXY_HOPS", "proxy_hops", lambda s: _int_in(s, 0, 5),
+          "the number of reverse proxies in front (0-5)", "0")
     check("DOWNLOAD_SUBDIR", "download_subdir", _subdir,
           "a template using only {" + "}, {".join(_SUBDIR_FIELDS) + "}", "")
 

@@ -437,3 +437,12 @@ def test_healthz_is_503_when_the_download_threads_are_gone(make_settings, run_bo
     running.bot.workers.stop(timeout=10)
     response = requests.get(f"{running.url}/healthz", timeout=5)
     assert response.status_code == 503 and response.json()["workers"] == "stopped"
+
+
+@pytest.mark.parametrize("hops,logged", [("0", "from 127.0.0.1"), ("1", "from 203.0.113.9")])
+def test_rejections_log_the_senders_address_behind_a_proxy(make_settings, run_bot, capfd, hops, logged):
+    running = run_bot(make_settings(PROXY_HOPS=hops), workers=False)
+    response = running.post(webhook_payload("M1", []), signature="forged",
+                            headers={"X-Forwarded-For": "203.0.113.9"})
+    assert response.status_code == 401
+    assert f"wrong X-Spark-Signature {logged}" in capfd.readouterr().err
