@@ -254,9 +254,10 @@ def _fetch_once(url, session, api_url, part_path, max_size, should_stop, chunk_s
             status = response.status_code
             if status != 200:
                 return _classify(status, response)
-            length = response.headers.get("Content-Length")
-            if length and length.isdigit() and int(length) > max_size:
-                return Failed("too_large", f"{int(length)} bytes announced, limit {max_size}", int(length))
+            length = response.headers.get("Content-Length", "")
+            announced = int(length) if length.isdigit() else None
+            if announced is not None and announced > max_size:
+                return Failed("too_large", f"{announced} bytes announced, limit {max_size}", announced)
             encoded = response.headers.get("Content-Encoding", "identity").lower() != "identity"
             name = parse_content_disposition(response.headers.get("Content-Disposition"))
             content_type = response.headers.get("Content-Type", "application/octet-stream")
@@ -269,8 +270,8 @@ def _fetch_once(url, session, api_url, part_path, max_size, should_stop, chunk_s
         return Failed("too_large", f"more than {exc.args[0]} bytes read, limit {max_size}", exc.args[0])
     except OSError as exc:
         return Retry("local_io", f"writing {part_path}: {exc.strerror or exc}")
-    if length and length.isdigit() and int(length) != size and not encoded:
-        return Retry("incomplete", f"got {size} of {length} bytes")
+    if announced is not None and announced != size and not encoded:
+        return Retry("incomplete", f"got {size} of {announced} bytes")
     return Fetched(part_path, safe_filename(name, fallback_name(url, content_type)), size, digest, content_type)
 
 
